@@ -1,0 +1,115 @@
+"""Thresholds and level grids of the truncated schemes (design note §1, §2).
+
+Each scheme minimises its per-coordinate error E(a) = quantization variance + truncation error
+under the fitted tail model. The minimum is found by a coarse-to-fine search on a log grid of
+candidate thresholds between a floor and max|g| (a threshold above the largest magnitude only adds
+variance), entirely in tensor operations, so it stays on the gradient's device without a host sync.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+Objective = Callable[[torch.Tensor], torch.Tensor]
+
+GRID_POINTS = 64
+GRID_ROUNDS = 4
+SEARCH_DECADES = 8  # candidates span [max|g| * 1e-8, max|g|]
+
+
+def _refine_bounds(grid: torch.Tensor, best: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    last = grid.shape[-1] - 1
+    lo = grid.gather(-1, (best - 1).clamp(0, last).unsqueeze(-1)).squeeze(-1)
+    hi = grid.gather(-1, (best + 1).clamp(0, last).unsqueeze(-1)).squeeze(-1)
+    return lo, hi
+
+
+def minimize_threshold(objective: Objective, amax: torch.Tensor) -> torch.Tensor:
+    """argmin of objective(a) over a in [amax * 1e-8, amax], to about 1e-6 relative precision."""
+    hi = amax.clamp_min(1e-30)
+    lo = hi * 10.0 ** -SEARCH_DECADES
+    steps = torch.linspace(0, 1, GRID_POINTS, device=amax.device, dtype=amax.dtype)
+    for _ in range(GRID_ROUNDS):
+        grid = lo * (hi / lo) ** steps
+        best = torch.nan_to_num(objective(grid), nan=float("inf")).argmin()
+        lo, hi = _refine_bounds(grid, best)
+    return torch.sqrt(lo * hi)
+
+
+def uniform_threshold(tail, params: torch.Tensor, amax: torch.Tensor, s: int) -> torch.Tensor:
+    """TUQSGD: minimise (a/s)^2 + truncation error (worst-case variance of a uniform grid)."""
+    return minimize_threshold(lambda a: (a / s) ** 2 + tail.truncation_error(params, a), amax)
+
+
+def nonuniform_threshold(tail, params: torch.Tensor, amax: torch.Tensor, s: int) -> torch.Tensor:
+    """TNQSGD: minimise (INT_{-a}^{a} p^(1/3))^3 / (4 s^2) + truncation error (levels ~ p^(1/3))."""
+    return minimize_threshold(
+        lambda a: (2 * tail.root_mass(params, a)) ** 3 / (4 * s * s) + tail.truncation_error(params, a), amax)
+
+
+def biscaled_error(tail, params: torch.Tensor, c: torch.Tensor, a: torch.Tensor,
+                   s: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """TBQSGD error A/s1^2 + B/s2^2 + truncation error, A and B as in design note §2, and its s1.
+
+    The continuous optimum s1 : s2 = A^(1/3) : B^(1/3) is rounded to the better of its two odd
+    neighbours in [1, s - 2], so the error is that of a grid that can actually be built.
+    """
+    inner = tail.mass(params, c)
+    fine = c * c * inner
+    coarse = (a - c) ** 2 * (tail.mass(params, a) - inner).clamp_min(0)
+    root_fine, root_coarse = fine ** (1 / 3), coarse ** (1 / 3)
+    share = torch.where(root_fine + root_coarse > 0, root_fine / (root_fine + root_coarse), torch.ones_like(fine))
+    below = (torch.floor((share * s - 1) / 2) * 2 + 1).clamp(1, s - 2)
+    above = (below + 2).clamp(1, s - 2)
+    err_below = fine / below ** 2 + coarse / (s - below) ** 2
+    err_above = fine / above ** 2 + coarse / (s - above) ** 2
+    s1 = torch.where(err_above < err_below, above, below)
+    return torch.minimum(err_below, err_above) + tail.truncation_error(params, a), s1
+
+
+def biscaled_threshold(tail, params: torch.Tensor, amax: torch.Tensor, s: int) -> torch.Tensor:
+    """TBQSGD: [a, c, s1] minimising `biscaled_error` (s1 odd, s2 = s - s1 even and >= 2).
+
+    Searches a on a log grid and c = f * a with f in (0, 1), refining both around the best cell.
+    """
+    hi = amax.clamp_min(1e-30)
+    lo = hi * 10.0 ** -SEARCH_DECADES
+    f_lo, f_hi = torch.zeros_like(hi), torch.ones_like(hi)
+    steps = torch.linspace(0, 1, GRID_POINTS, device=amax.device, dtype=amax.dtype)
+    for _ in range(GRID_ROUNDS):
+        a_grid = lo * (hi / lo) ** steps
+        f_grid = f_lo + (f_hi - f_lo) * steps
+        err, _ = biscaled_error(tail, params, a_grid.unsqueeze(1) * f_grid.unsqueeze(0), a_grid.unsqueeze(1), s)
+        best = torch.nan_to_num(err, nan=float("inf")).reshape(-1).argmin()
+        lo, hi = _refine_bounds(a_grid, best // GRID_POINTS)
+        f_lo, f_hi = _refine_bounds(f_grid, best % GRID_POINTS)
+    a = torch.sqrt(lo * hi)
+    c = a * (f_lo + f_hi) / 2
+    _, s1 = biscaled_error(tail, params, c, a, s)
+    return torch.stack([a, c, s1])
+
+
+def uniform_levels(a: torch.Tensor, s: int) -> torch.Tensor:
+    """s + 1 equally spaced levels on [-a, a]."""
+    j = torch.arange(s + 1, device=a.device, dtype=torch.float32)
+    return -a + 2 * a * j / s
+
+
+def nonuniform_levels(tail, params: torch.Tensor, a: torch.Tensor, s: int) -> torch.Tensor:
+    """Levels l_j = G^-1(j/s) for the density lambda ~ p^(1/3) on [-a, a] (symmetric)."""
+    u = torch.arange(s + 1, device=a.device, dtype=torch.float32) * (2.0 / s) - 1
+    magnitude = tail.root_mass_inverse(params, u.abs() * tail.root_mass(params, a))
+    levels = torch.sign(u) * torch.minimum(magnitude, a)
+    levels[0], levels[-1] = -a, a
+    return levels
+
+
+def biscaled_levels(a: torch.Tensor, c: torch.Tensor, s1: torch.Tensor, s: int) -> torch.Tensor:
+    """Coarse grid on [-a, -c], s1 fine intervals on [-c, c], coarse grid on [c, a]."""
+    j = torch.arange(s + 1, device=a.device, dtype=torch.float32)
+    half = (s - s1) / 2
+    left = -a + (a - c) * j / half
+    fine = -c + 2 * c * (j - half) / s1
+    right = c + (a - c) * (j - half - s1) / half
+    return torch.where(j < half, left, torch.where(j <= half + s1, fine, right))

@@ -1,0 +1,346 @@
+"""The quantizers: truncated TUQSGD, TNQSGD, TBQSGD and the QSGD and NQSGD baselines.
+
+Each turns a gradient into one self-describing uint8 payload (wire.py) and back. A truncated scheme
+clamps every coordinate to [-a, a] and rounds it stochastically to one of s + 1 = 2^bits levels, so
+the decoded value is unbiased for the truncated one. The baselines scale by the L2 norm and spend one
+bit on the sign. Encoding runs on the gradient's device with no host round-trip; decoding reads the
+header on the host once to validate it.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Optional, Sequence, Union
+
+import torch
+
+from . import levels as lv
+from . import packing, wire
+from .tails import TAILS, TAILS_BY_ID
+
+log = logging.getLogger("horovod_truncq")
+
+Shape = Union[torch.Size, Sequence[int]]
+
+
+def stochastic_round(x: torch.Tensor, grid: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Index of the level each x rounds to: the upper neighbour with probability (x - lo) / (hi - lo).
+
+    `grid` is ascending (ties allowed), x lies in [grid[0], grid[-1]] and noise is uniform in [0, 1),
+    so E[grid[index]] = x.
+    """
+    top = grid.numel() - 2
+    lower = (torch.searchsorted(grid, x, right=True) - 1).clamp(0, top)
+    lo, hi = grid[lower], grid[lower + 1]
+    width = hi - lo
+    up = torch.where(width > 0, (x - lo) / torch.where(width > 0, width, torch.ones_like(width)), torch.zeros_like(x))
+    return lower + (noise < up).to(lower.dtype)
+
+
+class Quantizer:
+    """Base class: payload framing, rounding noise, non-finite and degenerate input, Compressor API.
+
+    Subclasses set `scheme`, `scheme_id`, `min_bits` and implement `_side_info_count`,
+    `_quantize` (float32 1-D input without NaN/Inf -> codes and float32 side information) and
+    `_dequantize` (codes and side information -> float32 values).
+    """
+
+    scheme = "base"
+    scheme_id = 0
+    min_bits = 1
+    tail_id = 0
+
+    def __init__(self, bits: int = 4, seed: Optional[int] = None) -> None:
+        if not isinstance(bits, int) or not self.min_bits <= bits <= 8:
+            raise ValueError(f"{type(self).__name__} takes bits from {self.min_bits} to 8, got {bits!r}")
+        self.bits = bits
+        self.seed = seed
+        self._base_seed = seed if seed is not None else int.from_bytes(os.urandom(7), "little")
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self._warned_nonfinite = False
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(bits={self.bits}{self._repr_extra()})"
+
+    def _repr_extra(self) -> str:
+        return ""
+
+    # ---------------------------------------------------------------- sizes
+    def _side_info_count(self, numel: int) -> int:
+        raise NotImplementedError
+
+    def payload_size(self, numel: int) -> int:
+        """Bytes of the payload for a tensor of `numel` elements, without encoding it."""
+        return wire.HEADER_BYTES + 4 * self._side_info_count(numel) + packing.packed_size(numel, self.bits)
+
+    # ---------------------------------------------------------------- randomness
+    def _noise(self, numel: int, device: torch.device) -> torch.Tensor:
+        generator = self._generators.get(device)
+        if generator is None:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(self._base_seed)
+            self._generators[device] = generator
+        return torch.rand(numel, generator=generator, device=device)
+
+    # ---------------------------------------------------------------- scheme hooks
+    def _quantize(self, x: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def _dequantize(self, codes: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- public API
+    def encode(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The 1-D uint8 payload for `tensor`, on its device: exactly the bytes that travel."""
+        if not torch.is_floating_point(tensor):
+            raise TypeError(f"{type(self).__name__}.encode takes floating-point tensors, got {tensor.dtype}")
+        x = tensor.detach().reshape(-1).to(torch.float32)
+        numel = x.numel()
+        header = torch.tensor(list(wire.header_bytes(self.scheme_id, self.bits, self.tail_id, numel)),
+                              dtype=torch.uint8, device=x.device)
+        if numel == 0:
+            side = torch.zeros(self._side_info_count(0), dtype=torch.float32, device=x.device)
+            return torch.cat([header, wire.side_info_to_bytes(side)])
+        finite = torch.isfinite(x)
+        header[6] = (~finite).any().to(torch.uint8) * wire.FLAG_NONFINITE
+        x = torch.where(finite, x, torch.zeros_like(x))
+        codes, side = self._quantize(x, self._noise(numel, x.device))
+        return torch.cat([header, wire.side_info_to_bytes(side), packing.pack(codes, self.bits)])
+
+    def decode(self, payload: torch.Tensor, shape: Shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dequantized tensor of `shape` and `dtype` on the payload's device.
+
+        Raises ValueError when the payload was not made by this scheme and bit width for a tensor
+        of this many elements, or is truncated or corrupted.
+        """
+        if payload.dtype != torch.uint8 or payload.dim() != 1:
+            raise ValueError(f"payload must be a 1-D uint8 tensor, got {payload.dtype} of shape {tuple(payload.shape)}")
+        numel = math.prod(shape)
+        head = wire.parse_header(bytes(payload[: wire.HEADER_BYTES].tolist()))
+        expected = (self.scheme_id, self.bits, self.tail_id, numel)
+        found = (head.scheme, head.bits, head.tail, head.numel)
+        if found != expected:
+            raise ValueError(f"payload does not match {self!r} for {numel} elements: it holds scheme id "
+                             f"{head.scheme}, {head.bits} bits, tail id {head.tail}, {head.numel} elements; "
+                             f"expected scheme id {self.scheme_id}, {self.bits} bits, tail id {self.tail_id}")
+        if payload.numel() != self.payload_size(numel):
+            raise ValueError(f"payload has {payload.numel()} bytes, expected {self.payload_size(numel)} for "
+                             f"{numel} elements: truncated or padded")
+        side_end = wire.HEADER_BYTES + 4 * self._side_info_count(numel)
+        side = wire.side_info_from_bytes(payload[wire.HEADER_BYTES:side_end])
+        if numel and not bool(torch.isfinite(side).all()):
+            raise ValueError("payload side information is not finite: corrupted payload")
+        if numel == 0:
+            return torch.zeros(shape, dtype=dtype, device=payload.device)
+        values = self._dequantize(packing.unpack(payload[side_end:], self.bits, numel), side)
+        if head.flags & wire.FLAG_NONFINITE:
+            if not self._warned_nonfinite:
+                log.warning("%r: gradient held NaN or Inf; the decoded tensor is all NaN so that a "
+                            "loss-scaling optimizer skips the step (further occurrences not logged)", self)
+                self._warned_nonfinite = True
+            values = torch.full_like(values, float("nan"))
+        return values.reshape(shape).to(dtype)
+
+    # Horovod's Compressor interface for a local round trip (the exchange in exchange.py routes the
+    # payload through allgather instead).
+    def compress(self, tensor: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+        """(payload, ctx); non-floating tensors pass through unchanged, as in Horovod's fp16."""
+        if not torch.is_floating_point(tensor):
+            return tensor, (None, None)
+        return self.encode(tensor), (tensor.shape, tensor.dtype)
+
+    def decompress(self, tensor: torch.Tensor, ctx: tuple) -> torch.Tensor:
+        shape, dtype = ctx
+        if shape is None:
+            return tensor
+        return self.decode(tensor, shape, dtype)
+
+
+class _Truncated(Quantizer):
+    """Shared by the truncated schemes: fit the tail model, choose a, build levels, round."""
+
+    default_tail = "laplace"
+
+    def __init__(self, bits: int = 4, tail: Optional[str] = None, seed: Optional[int] = None) -> None:
+        super().__init__(bits, seed)
+        tail = tail or self.default_tail
+        if tail not in TAILS:
+            raise ValueError(f"tail must be one of {sorted(TAILS)}, got {tail!r}")
+        self.tail = TAILS[tail]
+        self.tail_id = self.tail.id
+        self.levels_count = 2 ** bits  # s + 1
+
+    def _repr_extra(self) -> str:
+        return f", tail={self.tail.name!r}"
+
+    @property
+    def s(self) -> int:
+        return self.levels_count - 1
+
+    def _extra_count(self) -> int:
+        return 0
+
+    def _side_info_count(self, numel: int) -> int:
+        return 1 + self._extra_count() + self.tail.num_params
+
+    def _choose(self, params: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+        """[a, extras...] in float64 for the fitted params."""
+        raise NotImplementedError
+
+    def _levels(self, side: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _side_info(self, x: torch.Tensor) -> torch.Tensor:
+        """[a, extras..., tail parameters] as float32 for a finite 1-D float32 tensor."""
+        absx = x.abs()
+        amax, amin = absx.max(), absx.min()
+        params = self.tail.fit(absx)
+        choice = self._choose(params.double(), amax.double()).float()
+        # With every magnitude equal (constant or one-element tensors) a = max|g| is exact; a never
+        # exceeds max|g| (the levels' own clamps keep any inner scale c below a), and all-zero input
+        # gives a = 0 and exact zeros.
+        a = torch.where(amax == amin, amax, torch.minimum(choice[0], amax))
+        return torch.cat([a.reshape(1), choice[1:], params.float()])
+
+    def _quantize(self, x: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        side = self._side_info(x)
+        a = side[0]
+        return stochastic_round(torch.clamp(x, -a, a), self._levels(side), noise), side
+
+    def _dequantize(self, codes: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
+        return self._levels(side)[codes]
+
+    def threshold(self, tensor: torch.Tensor) -> float:
+        """The truncation threshold a this quantizer picks for a finite, non-empty `tensor`."""
+        return float(self._side_info(tensor.detach().reshape(-1).float())[0])
+
+    def levels(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The s + 1 levels this quantizer picks for a finite, non-empty `tensor`."""
+        return self._levels(self._side_info(tensor.detach().reshape(-1).float()))
+
+
+class TUQSGD(_Truncated):
+    """Truncated uniform quantization: s + 1 equally spaced levels on [-a, a].
+
+    Side information: [a, tail parameters].
+    """
+
+    scheme = "tuqsgd"
+    scheme_id = 1
+
+    def _choose(self, params: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+        return lv.uniform_threshold(self.tail, params, amax, self.s).reshape(1)
+
+    def _levels(self, side: torch.Tensor) -> torch.Tensor:
+        return lv.uniform_levels(side[0], self.s)
+
+
+class TNQSGD(_Truncated):
+    """Truncated non-uniform quantization: level density proportional to p^(1/3) on [-a, a].
+
+    Side information: [a, tail parameters].
+    """
+
+    scheme = "tnqsgd"
+    scheme_id = 2
+
+    def _choose(self, params: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+        return lv.nonuniform_threshold(self.tail, params, amax, self.s).reshape(1)
+
+    def _levels(self, side: torch.Tensor) -> torch.Tensor:
+        return lv.nonuniform_levels(self.tail, side[1:], side[0], self.s)
+
+
+class TBQSGD(_Truncated):
+    """Truncated bi-scaled quantization: a fine uniform grid on [-c, c], a coarse one out to a.
+
+    Side information: [a, c, s1, tail parameters]; s1 fine intervals, s - s1 coarse ones.
+    """
+
+    scheme = "tbqsgd"
+    scheme_id = 3
+    min_bits = 2
+
+    def _extra_count(self) -> int:
+        return 2
+
+    def _choose(self, params: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+        return lv.biscaled_threshold(self.tail, params, amax, self.s)
+
+    def _levels(self, side: torch.Tensor) -> torch.Tensor:
+        a = side[0]
+        return lv.biscaled_levels(a, torch.minimum(side[1], a), side[2], self.s)
+
+
+class _NormScaled(Quantizer):
+    """Shared by QSGD and NQSGD: |g| / ||bucket||_2 rounded to magnitude levels in [0, 1], sign bit.
+
+    Code = sign << (bits - 1) | magnitude index. Side information: one float32 norm per bucket.
+    """
+
+    min_bits = 2
+
+    def __init__(self, bits: int = 4, bucket_size: Optional[int] = None, seed: Optional[int] = None) -> None:
+        super().__init__(bits, seed)
+        if bucket_size is not None and (not isinstance(bucket_size, int) or bucket_size < 1):
+            raise ValueError(f"bucket_size must be a positive int or None, got {bucket_size!r}")
+        self.bucket_size = bucket_size
+        self.magnitude_count = 2 ** (bits - 1)
+
+    def _repr_extra(self) -> str:
+        return f", bucket_size={self.bucket_size}" if self.bucket_size else ""
+
+    def _magnitudes(self, device: torch.device) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _bucket(self, numel: int) -> int:
+        return self.bucket_size or max(numel, 1)
+
+    def _side_info_count(self, numel: int) -> int:
+        return max(1, -(-numel // self._bucket(numel)))
+
+    def _norms_per_element(self, norms: torch.Tensor, numel: int) -> torch.Tensor:
+        return norms.repeat_interleave(self._bucket(numel))[:numel]
+
+    def _quantize(self, x: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        numel = x.numel()
+        bucket = self._bucket(numel)
+        padded = torch.nn.functional.pad(x, (0, self._side_info_count(numel) * bucket - numel))
+        norms = padded.view(-1, bucket).norm(dim=1)
+        scale = self._norms_per_element(norms, numel)
+        ratio = torch.where(scale > 0, x.abs() / torch.where(scale > 0, scale, torch.ones_like(scale)),
+                            torch.zeros_like(x)).clamp(0, 1)
+        index = stochastic_round(ratio, self._magnitudes(x.device), noise)
+        sign = (x < 0).to(index.dtype) << (self.bits - 1)
+        return sign | index, norms
+
+    def _dequantize(self, codes: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
+        magnitude = self._magnitudes(codes.device)[codes & (self.magnitude_count - 1)]
+        sign = 1 - 2 * (codes >> (self.bits - 1)).to(torch.float32)
+        return sign * magnitude * self._norms_per_element(side, codes.numel())
+
+
+class QSGD(_NormScaled):
+    """QSGD (Alistarh et al. 2017): 2^(bits-1) uniform magnitude levels {0, 1/s', ..., 1}."""
+
+    scheme = "qsgd"
+    scheme_id = 4
+
+    def _magnitudes(self, device: torch.device) -> torch.Tensor:
+        return torch.linspace(0, 1, self.magnitude_count, device=device)
+
+
+class NQSGD(_NormScaled):
+    """NUQSGD (Ramezani-Kebrya et al.): magnitude levels {0, 2^-(k-1), ..., 1/2, 1}."""
+
+    scheme = "nqsgd"
+    scheme_id = 5
+
+    def _magnitudes(self, device: torch.device) -> torch.Tensor:
+        k = self.magnitude_count - 1
+        exponents = torch.arange(k - 1, -1, -1, device=device, dtype=torch.float32)
+        return torch.cat([torch.zeros(1, device=device), torch.exp2(-exponents)])
+
+
+SCHEMES = {cls.scheme: cls for cls in (TUQSGD, TNQSGD, TBQSGD, QSGD, NQSGD)}

@@ -1,0 +1,68 @@
+"""The payload format: exactly the bytes that travel for one tensor.
+
+    offset  size  field
+    0       2     magic b"TQ"
+    2       1     format version (FORMAT_VERSION)
+    3       1     scheme id (see quantizers.SCHEMES)
+    4       1     bits per code
+    5       1     tail model id (0 = none, 1 = laplace, 2 = powerlaw)
+    6       1     flags: bit 0 set when the input held NaN or Inf
+    7       1     reserved, 0
+    8       8     element count, int64 little-endian
+    16      4*k   side information, k float32 values (k fixed by scheme and element count)
+    16+4k   ...   packed codes, ceil(n * bits / 8) bytes (packing.py)
+
+The size depends only on (scheme, bits, element count), so every rank sends the same number of
+bytes for a given tensor. Code bits carry no checksum: every bit pattern decodes to a valid level,
+and transport integrity is the collective library's job.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import torch
+
+MAGIC = b"TQ"
+FORMAT_VERSION = 1
+HEADER_BYTES = 16
+FLAG_NONFINITE = 1
+_STRUCT = struct.Struct("<2sBBBBBBq")
+
+
+@dataclass(frozen=True)
+class Header:
+    scheme: int
+    bits: int
+    tail: int
+    flags: int
+    numel: int
+
+
+def header_bytes(scheme: int, bits: int, tail: int, numel: int) -> bytes:
+    """The fixed 16-byte header with flags cleared (they are set on the device)."""
+    return _STRUCT.pack(MAGIC, FORMAT_VERSION, scheme, bits, tail, 0, 0, numel)
+
+
+def parse_header(raw: bytes) -> Header:
+    """Read and sanity-check the fixed header; ValueError on anything that is not ours."""
+    if len(raw) < HEADER_BYTES:
+        raise ValueError(f"payload of {len(raw)} bytes is shorter than the {HEADER_BYTES}-byte header")
+    magic, version, scheme, bits, tail, flags, reserved, numel = _STRUCT.unpack(raw[:HEADER_BYTES])
+    if magic != MAGIC:
+        raise ValueError(f"payload does not start with {MAGIC!r} (got {magic!r}): not a horovod-truncq payload")
+    if version != FORMAT_VERSION:
+        raise ValueError(f"payload format version {version} is not supported (this build reads {FORMAT_VERSION})")
+    if reserved != 0 or flags & ~FLAG_NONFINITE or numel < 0:
+        raise ValueError("corrupted payload header")
+    return Header(scheme, bits, tail, flags, numel)
+
+
+def side_info_to_bytes(values: torch.Tensor) -> torch.Tensor:
+    """float32 side information as uint8, on the tensor's device."""
+    return values.to(torch.float32).contiguous().view(torch.uint8)
+
+
+def side_info_from_bytes(raw: torch.Tensor) -> torch.Tensor:
+    """uint8 bytes back to float32 (copied: a slice of a payload need not be 4-byte aligned)."""
+    return raw.clone().view(torch.float32)
