@@ -11,13 +11,16 @@ from __future__ import annotations
 import logging
 import math
 import os
-from typing import Optional, Sequence, Union
+from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 import torch
 
 from . import levels as lv
 from . import packing, wire
 from .tails import TAILS, TAILS_BY_ID
+
+if TYPE_CHECKING:
+    from .compressor import ExchangeCompressor
 
 log = logging.getLogger("horovod_truncq")
 
@@ -75,6 +78,11 @@ class Quantizer:
         return wire.HEADER_BYTES + 4 * self._side_info_count(numel) + packing.packed_size(numel, self.bits)
 
     # ---------------------------------------------------------------- randomness
+    def reseed(self, seed: int) -> None:
+        """Restart the rounding noise from `seed` on every device."""
+        self.seed = self._base_seed = seed
+        self._generators = {}
+
     def _noise(self, numel: int, device: torch.device) -> torch.Tensor:
         generator = self._generators.get(device)
         if generator is None:
@@ -155,6 +163,11 @@ class Quantizer:
         if shape is None:
             return tensor
         return self.decode(tensor, shape, dtype)
+
+    def bind(self, named_parameters, **options) -> "ExchangeCompressor":
+        """The `compression=` object for hvd.DistributedOptimizer (options: see ExchangeCompressor)."""
+        from .compressor import ExchangeCompressor
+        return ExchangeCompressor(self, named_parameters, **options)
 
 
 class _Truncated(Quantizer):

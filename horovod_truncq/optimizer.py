@@ -1,0 +1,61 @@
+"""`horovod_truncq.DistributedOptimizer`: Horovod's, with a quantizer wired in as compression."""
+from __future__ import annotations
+
+import types
+from typing import Optional
+
+import horovod.torch as hvd
+import torch
+
+from .compressor import DEFAULT_MIN_ELEMENTS, ExchangeCompressor
+from .exchange import Exchange
+from .quantizers import Quantizer
+
+
+def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters=None,
+                         compression=hvd.Compression.none, backward_passes_per_step: int = 1,
+                         op=hvd.Average, gradient_predivide_factor: float = 1.0, num_groups: int = 0,
+                         groups=None, sparse_as_dense: bool = False,
+                         process_set: hvd.ProcessSet = hvd.global_process_set, *,
+                         min_elements: int = DEFAULT_MIN_ELEMENTS,
+                         exchange: Optional[Exchange] = None) -> torch.optim.Optimizer:
+    """hvd.DistributedOptimizer with Horovod's signature; a Quantizer as `compression` is bound to
+    the parameters (see ExchangeCompressor) and its payloads travel by allgather.
+
+    Any other `compression` (hvd.Compression.none, fp16) goes to Horovod untouched. The returned
+    optimizer has `.traffic`, the byte counter (None without a quantizer), and its zero_grad takes
+    torch's `set_to_none`. Supports op=hvd.Average
+    and hvd.Sum; hvd.Adasum and sparse gradients are refused with a ValueError.
+    """
+    traffic = None
+    if isinstance(compression, Quantizer):
+        if op not in (hvd.Average, hvd.Sum):
+            raise ValueError("horovod_truncq quantizers support op=hvd.Average and hvd.Sum; Adasum, Min, Max "
+                             "and Product need the exact gradients")
+        if sparse_as_dense:
+            raise ValueError("horovod_truncq quantizers do not handle sparse gradients (sparse_as_dense=True)")
+        if named_parameters is None:
+            # Horovod's own naming for unnamed parameters: their order in the param groups.
+            named_parameters = [(f"noname.{i}", p) for i, p in
+                                enumerate(p for group in optimizer.param_groups for p in group["params"])]
+        else:
+            named_parameters = list(named_parameters)
+        compression = ExchangeCompressor(compression, named_parameters, process_set=process_set,
+                                         min_elements=min_elements, exchange=exchange)
+        traffic = compression.traffic
+    distributed = hvd.DistributedOptimizer(
+        optimizer, named_parameters=named_parameters, compression=compression,
+        backward_passes_per_step=backward_passes_per_step, op=op,
+        gradient_predivide_factor=gradient_predivide_factor, num_groups=num_groups, groups=groups,
+        sparse_as_dense=sparse_as_dense, process_set=process_set)
+    distributed.traffic = traffic
+    distributed.zero_grad = types.MethodType(_zero_grad, distributed)
+    return distributed
+
+
+def _zero_grad(self: torch.optim.Optimizer, set_to_none: bool = True) -> None:
+    """Horovod's zero_grad with torch's `set_to_none` argument (Horovod 0.28.1 takes none)."""
+    if self._handles:
+        raise AssertionError("optimizer.zero_grad() was called after loss.backward() but before "
+                             "optimizer.step() or optimizer.synchronize(): that would race with the exchange")
+    super(type(self), self).zero_grad(set_to_none=set_to_none)

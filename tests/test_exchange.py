@@ -1,0 +1,37 @@
+"""The quantized exchange through real Horovod: horovodrun with Gloo and MPI, and mpirun + mpi4py."""
+import pytest
+
+from conftest import assert_ok, run_ranks
+
+WORKER = "tests/workers/exchange_worker.py"
+pytestmark = pytest.mark.multirank
+
+
+def test_two_ranks_gloo():
+    checks = ["exact", "none", "stock", "bytes", "features", "train"]
+    output = run_ranks(2, [WORKER, *checks])
+    for check in checks:
+        assert_ok(output, check, 2)
+
+
+def test_two_ranks_mpi():
+    output = run_ranks(2, [WORKER, "exact-short", "bytes"], controller="mpi")
+    assert_ok(output, "exact", 2)
+    assert_ok(output, "bytes", 2)
+
+
+def test_mpi4py_communicator():
+    output = run_ranks(2, [WORKER, "mpi4py", "exact-short"], controller="mpirun")
+    assert_ok(output, "exact", 2)
+
+
+def test_eight_ranks_gloo():
+    output = run_ranks(8, [WORKER, "exact-short", "process_set", "bytes"], timeout=600,
+                       HOROVOD_DYNAMIC_PROCESS_SETS="1")
+    for check in ("exact", "process_set", "bytes"):
+        assert_ok(output, check, 8)
+
+
+def test_mismatched_bits_raise_on_every_rank():
+    output = run_ranks(2, [WORKER, "mismatch"], timeout=120)
+    assert_ok(output, "mismatch", 2)

@@ -1,0 +1,310 @@
+"""Runs inside `horovodrun` (or `mpirun`): checks the quantized exchange through real Horovod.
+
+Usage: exchange_worker.py SCENARIO [SCENARIO ...]; each rank prints "OK <scenario>" per check.
+With "mpi4py" first, Horovod is initialised on mpi4py's COMM_WORLD.
+"""
+from __future__ import annotations
+
+import copy
+import re
+import sys
+
+import torch
+
+if sys.argv[1] == "mpi4py":
+    from mpi4py import MPI
+    import horovod.torch as hvd
+    hvd.init(comm=MPI.COMM_WORLD)
+    scenarios = sys.argv[2:]
+else:
+    import horovod.torch as hvd
+    hvd.init()
+    scenarios = sys.argv[1:]
+
+import horovod_truncq as htq  # noqa: E402
+
+RANK, SIZE = hvd.rank(), hvd.size()
+SEED = 1234
+
+
+def model(dtype=torch.float32) -> torch.nn.Module:
+    torch.manual_seed(0)  # identical initial parameters on every rank
+    return torch.nn.Sequential(torch.nn.Linear(48, 40), torch.nn.ReLU(), torch.nn.Linear(40, 8)).to(dtype)
+
+
+def batch(step: int, rank: int = RANK) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    return torch.randn(16, 48, generator=g), torch.randint(0, 8, (16,), generator=g)
+
+
+def local_grads(net: torch.nn.Module, step: int) -> dict[str, torch.Tensor]:
+    net = copy.deepcopy(net)
+    net.zero_grad()
+    x, y = batch(step)
+    torch.nn.functional.cross_entropy(net(x.to(next(net.parameters()).dtype)), y).backward()
+    return {n: p.grad.clone() for n, p in net.named_parameters()}
+
+
+def fixed_rounding(quantizer):
+    """The quantizer with deterministic 'noise' (a golden-ratio sequence), so that a test can
+    predict every rank's payload whatever order Horovod's hooks encode the gradients in."""
+    quantizer._noise = lambda numel, device: torch.arange(numel, device=device, dtype=torch.float64).mul(0.6180339887).frac().float()
+    return quantizer
+
+
+def expected_average(quantizer, grads: dict[str, torch.Tensor], min_elements: int, ranks=None, op="mean"):
+    """What every rank must end with: the mean (or sum) of every rank's decoded gradient."""
+    ranks = ranks or list(range(SIZE))
+    reference = copy.copy(quantizer)
+    out = {}
+    for name, g in grads.items():
+        if g.numel() < min_elements:
+            sent = g.float()
+        else:
+            sent = reference.decode(reference.encode(g), (g.numel(),))
+        gathered = hvd.allgather(sent.reshape(1, -1), name=f"test.expected.{name}")[ranks]
+        total = torch.zeros_like(gathered[0])
+        for row in gathered:
+            total += row
+        if op == "mean":
+            total = total / len(ranks)
+        out[name] = total.view(g.shape).to(g.dtype)
+    return out
+
+
+def assert_identical_across_ranks(net: torch.nn.Module, tag: str) -> None:
+    flat = torch.cat([p.detach().double().reshape(-1) for p in net.parameters()])
+    gathered = hvd.allgather(flat.reshape(1, -1), name=f"test.identical.{tag}")
+    assert torch.equal(gathered, flat.expand_as(gathered)), f"{tag}: parameters differ across ranks"
+
+
+def sgd_step(opt, net, step, dtype=torch.float32):
+    opt.zero_grad()
+    x, y = batch(step)
+    loss = torch.nn.functional.cross_entropy(net(x.to(dtype)), y)
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+
+RANDOM = {
+    "tnqsgd": lambda: htq.TNQSGD(bits=3, tail="laplace", seed=SEED),
+    "tuqsgd": lambda: htq.TUQSGD(bits=2, tail="powerlaw", seed=SEED),
+    "tbqsgd": lambda: htq.TBQSGD(bits=4, seed=SEED),
+    "qsgd": lambda: htq.QSGD(bits=4, seed=SEED),
+    "nqsgd": lambda: htq.NQSGD(bits=3, bucket_size=256, seed=SEED),
+}
+QUANTIZERS = {name: (lambda make=make: fixed_rounding(make())) for name, make in RANDOM.items()}
+
+
+def check_exact(names=tuple(QUANTIZERS), ops=("mean", "sum")) -> None:
+    """One SGD step (lr 1) leaves p - mean(decoded gradients), identically on every rank."""
+    for name in names:
+        for op in ops:
+            net = model()
+            before = {n: p.detach().clone() for n, p in net.named_parameters()}
+            q = QUANTIZERS[name]()
+            expected = expected_average(q, local_grads(net, 0), 300, op=op)
+            opt = htq.DistributedOptimizer(torch.optim.SGD(net.parameters(), lr=1.0),
+                                           named_parameters=net.named_parameters(), compression=q,
+                                           op=hvd.Average if op == "mean" else hvd.Sum, min_elements=300)
+            sgd_step(opt, net, 0)
+            for n, p in net.named_parameters():
+                assert torch.allclose(p.detach(), before[n] - expected[n], rtol=0, atol=1e-6), \
+                    f"{name} {op} {n}: off by {(p.detach() - before[n] + expected[n]).abs().max():.3g}"
+            assert_identical_across_ranks(net, f"exact.{name}.{op}")
+    print(f"OK exact {RANK}", flush=True)
+
+
+def check_none_matches_horovod() -> None:
+    """Through htq.DistributedOptimizer, Horovod's own compressors give plain Horovod's result."""
+    for compression in (hvd.Compression.none, hvd.Compression.fp16):
+        nets = [model(), model()]
+        opts = [htq.DistributedOptimizer(torch.optim.SGD(nets[0].parameters(), lr=0.1),
+                                         named_parameters=nets[0].named_parameters(), compression=compression),
+                hvd.DistributedOptimizer(torch.optim.SGD(nets[1].parameters(), lr=0.1),
+                                         named_parameters=[(f"plain.{n}", p) for n, p in nets[1].named_parameters()],
+                                         compression=compression)]
+        for step in range(2):
+            for net, opt in zip(nets, opts):
+                sgd_step(opt, net, step)
+        for a, b in zip(nets[0].parameters(), nets[1].parameters()):
+            assert torch.equal(a, b)
+    print(f"OK none {RANK}", flush=True)
+
+
+def check_stock_optimizer_same_as_ours() -> None:
+    """hvd.DistributedOptimizer(compression=q.bind(...)) and htq.DistributedOptimizer agree exactly."""
+    nets = [model(), model()]
+    ours = htq.DistributedOptimizer(torch.optim.SGD(nets[0].parameters(), lr=0.1),
+                                    named_parameters=nets[0].named_parameters(), compression=QUANTIZERS["tnqsgd"]())
+    named = [(f"stock.{n}", p) for n, p in nets[1].named_parameters()]
+    stock = hvd.DistributedOptimizer(torch.optim.SGD(nets[1].parameters(), lr=0.1), named_parameters=named,
+                                     compression=QUANTIZERS["tnqsgd"]().bind(named))
+    for step in range(2):
+        sgd_step(ours, nets[0], step)
+        sgd_step(stock, nets[1], step)
+    for a, b in zip(nets[0].parameters(), nets[1].parameters()):
+        assert torch.equal(a, b)
+    print(f"OK stock {RANK}", flush=True)
+
+
+def check_bytes() -> None:
+    """Per step: payload = sum of payload sizes; overhead = 4 per quantized tensor + fp32 small ones;
+    and the allgathered payload of a tensor is exactly ranks x payload_size bytes."""
+    net = model()
+    q = QUANTIZERS["tnqsgd"]()
+    opt = htq.DistributedOptimizer(torch.optim.SGD(net.parameters(), lr=0.1),
+                                   named_parameters=net.named_parameters(), compression=q, min_elements=300)
+    for step in range(2):
+        sgd_step(opt, net, step)
+        traffic = opt.traffic.take()
+        sizes = [p.numel() for p in net.parameters()]
+        assert traffic.payload == sum(q.payload_size(n) for n in sizes if n >= 300), traffic
+        assert traffic.overhead == sum(4 if n >= 300 else 4 * n for n in sizes), traffic
+        assert traffic.fp32_reference == 4 * sum(sizes) and traffic.tensors == len(sizes)
+    weight = net[0].weight.detach()
+    gathered = hvd.allgather(q.encode(weight), name="test.bytes.gathered")
+    assert gathered.numel() == SIZE * q.payload_size(weight.numel()) == SIZE * (16 + 8 + (weight.numel() * 3 + 7) // 8)
+    print(f"OK bytes {RANK}", flush=True)
+
+
+def check_features() -> None:
+    """backward_passes_per_step, groups, None gradients, set_to_none, mixed dtypes, errors."""
+    # backward_passes_per_step=2: two local passes accumulate, then one exchange of the sum
+    net = model()
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    q = QUANTIZERS["tbqsgd"]()
+    g0, g1 = local_grads(net, 0), local_grads(net, 1)
+    expected = expected_average(q, {n: g0[n] + g1[n] for n in g0}, 300)
+    opt = htq.DistributedOptimizer(torch.optim.SGD(net.parameters(), lr=1.0), named_parameters=net.named_parameters(),
+                                   compression=q, backward_passes_per_step=2, min_elements=300)
+    opt.zero_grad()
+    for step in range(2):
+        x, y = batch(step)
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+    opt.step()
+    for n, p in net.named_parameters():
+        torch.testing.assert_close(p.detach(), before[n] - expected[n], rtol=0, atol=1e-6)
+
+    # groups: same result as without
+    results = []
+    for groups in (None, 2):
+        net = model()
+        opt = htq.DistributedOptimizer(torch.optim.SGD(net.parameters(), lr=0.5), named_parameters=net.named_parameters(),
+                                       compression=QUANTIZERS["tuqsgd"](), groups=groups, min_elements=300)
+        sgd_step(opt, net, 0)
+        results.append([p.detach().clone() for p in net.parameters()])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+    # a parameter without gradient on some step, on some ranks; zero_grad(set_to_none=True)
+    net = model()
+    extra = torch.nn.Parameter(torch.ones(40, 40))
+    opt = htq.DistributedOptimizer(torch.optim.SGD(list(net.parameters()) + [extra], lr=0.1),
+                                   named_parameters=list(net.named_parameters()) + [("extra", extra)],
+                                   compression=QUANTIZERS["qsgd"](), min_elements=300)
+    for step in range(3):
+        opt.zero_grad(set_to_none=True)
+        x, y = batch(step)
+        loss = torch.nn.functional.cross_entropy(net(x), y)
+        if RANK == 0 and step == 1:
+            loss = loss + (extra ** 2).sum() * 1e-3
+        loss.backward()
+        opt.step()
+    assert_identical_across_ranks(net, "none-grad")
+    gathered = hvd.allgather(extra.detach().reshape(1, -1), name="test.extra")
+    assert torch.equal(gathered, extra.detach().reshape(1, -1).expand_as(gathered))
+    assert bool((extra.detach() < 1.0).any())  # rank 0's gradient reached every rank
+
+    # mixed float16 / float32 parameters
+    torch.manual_seed(0)
+    half, full = torch.nn.Linear(48, 40).half(), torch.nn.Linear(40, 8)
+    params = list(half.named_parameters(prefix="half")) + list(full.named_parameters(prefix="full"))
+    opt = htq.DistributedOptimizer(torch.optim.SGD([p for _, p in params], lr=0.1), named_parameters=params,
+                                   compression=QUANTIZERS["tnqsgd"](), min_elements=300)
+    opt.zero_grad()
+    x, y = batch(0)
+    torch.nn.functional.cross_entropy(full(half(x.half()).float()), y).backward()
+    opt.step()
+    assert half.weight.dtype == torch.float16 and half.weight.grad.dtype == torch.float16
+    assert full.weight.grad.dtype == torch.float32 and torch.isfinite(half.weight).all()
+
+    # unsupported configurations fail at construction, clearly
+    for kwargs, match in ((dict(op=hvd.Adasum), "Average and hvd.Sum"), (dict(sparse_as_dense=True), "sparse")):
+        try:
+            htq.DistributedOptimizer(torch.optim.SGD(net.parameters(), lr=0.1),
+                                     named_parameters=net.named_parameters(), compression=htq.TNQSGD(bits=3), **kwargs)
+        except ValueError as error:
+            assert match in str(error), error
+        else:
+            raise AssertionError(f"{kwargs} accepted")
+    # a gradient that belongs to no named parameter: clear error at the first step
+    stray = model()
+    compressor = htq.TNQSGD(bits=3).bind(stray.named_parameters(), min_elements=0)
+    try:
+        compressor.compress(torch.randn(40, 48))
+    except ValueError as error:
+        assert "belongs to none of the" in str(error)
+    else:
+        raise AssertionError("unknown gradient accepted")
+    print(f"OK features {RANK}", flush=True)
+
+
+def check_process_set() -> None:
+    """Averaging over a process set of ranks 0..2; ranks outside keep their parameters."""
+    members = [0, 1, 2]
+    subset = hvd.add_process_set(members)
+    net = model()
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    q = QUANTIZERS["tnqsgd"]()
+    expected = expected_average(q, local_grads(net, 0), 300, ranks=members)
+    opt = htq.DistributedOptimizer(torch.optim.SGD(net.parameters(), lr=1.0), named_parameters=net.named_parameters(),
+                                   compression=q, process_set=subset, min_elements=300)
+    if RANK in members:
+        sgd_step(opt, net, 0)
+        for n, p in net.named_parameters():
+            torch.testing.assert_close(p.detach(), before[n] - expected[n], rtol=0, atol=1e-6)
+    for n, p in net.named_parameters():
+        if RANK not in members:
+            assert torch.equal(p.detach(), before[n])
+    hvd.remove_process_set(subset)
+    print(f"OK process_set {RANK}", flush=True)
+
+
+def check_mismatch() -> None:
+    """Ranks disagreeing on bits: every rank raises a ValueError naming the parameter, no hang."""
+    net = model()
+    q = htq.TNQSGD(bits=3 + (RANK % 2), seed=SEED)
+    opt = htq.DistributedOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), named_parameters=net.named_parameters(),
+                                   compression=q, min_elements=300)
+    try:
+        sgd_step(opt, net, 0)
+    except ValueError as error:
+        assert re.search(r"parameter '\d\.weight'.*disagree", str(error)), error
+        print(f"OK mismatch {RANK}", flush=True)
+    else:
+        raise AssertionError("mismatched bits were averaged")
+
+
+def check_train() -> None:
+    """A few steps of each scheme on a fixed batch: loss goes down, parameters stay identical."""
+    for name, make in RANDOM.items():
+        net = model()
+        opt = htq.DistributedOptimizer(torch.optim.SGD(net.parameters(), lr=0.2),
+                                       named_parameters=net.named_parameters(), compression=make(), min_elements=300)
+        losses = [sgd_step(opt, net, 0) for _ in range(8)]
+        mean_losses = hvd.allreduce(torch.tensor([losses[0], losses[-1]]), name=f"test.loss.{name}")
+        assert mean_losses[1] < 0.8 * mean_losses[0], (name, losses)
+        assert_identical_across_ranks(net, f"train.{name}")
+    print(f"OK train {RANK}", flush=True)
+
+
+CHECKS = {"exact": check_exact, "none": check_none_matches_horovod, "stock": check_stock_optimizer_same_as_ours,
+          "bytes": check_bytes, "features": check_features, "process_set": check_process_set,
+          "mismatch": check_mismatch, "train": check_train,
+          "exact-short": lambda: check_exact(("tnqsgd", "qsgd"), ("mean",))}
+
+for scenario in scenarios:
+    CHECKS[scenario]()
+hvd.shutdown()
