@@ -1,0 +1,193 @@
+"""Data-parallel training on MNIST-format data with Horovod and a gradient compressor.
+
+    horovodrun -np 8 -H localhost:8 --gloo python examples/train_mnist.py --compressor tnqsgd --bits 3
+
+Each worker trains on its own shard (every size-th image); rank 0 evaluates test accuracy, prints
+progress and writes a JSON record per run. Comma-separated --compressor, --bits and --seed run every
+combination one after another in the same processes (the sweep in launch/sweep.sh uses this).
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import itertools
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import horovod.torch as hvd
+import horovod_truncq as htq
+
+FASHION_DIR = "/usr/share/datasets/fashion-mnist"
+COMPRESSORS = ("none", "fp16", "qsgd", "nqsgd", "tuqsgd", "tnqsgd", "tbqsgd")
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--compressor", default="tnqsgd", help=f"comma list of {', '.join(COMPRESSORS)}")
+    p.add_argument("--bits", default="3", help="comma list of bits per coordinate (ignored by none, fp16)")
+    p.add_argument("--tail", default=None, choices=["laplace", "powerlaw"], help="tail model (default: the scheme's)")
+    p.add_argument("--bucket-size", type=int, default=None, help="QSGD/NQSGD bucket size (default: whole tensor)")
+    p.add_argument("--model", default="cnn", choices=["cnn", "mlp"])
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps per run")
+    p.add_argument("--epochs", type=float, default=None, help="train this many epochs of each shard instead of --steps")
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--batch-size", type=int, default=32, help="per worker")
+    p.add_argument("--seed", default="0", help="comma list of seeds")
+    p.add_argument("--data", default="auto", choices=["auto", "fashion-mnist", "mnist"],
+                   help="auto: Fashion-MNIST from Debian's dataset-fashion-mnist, else MNIST via torchvision")
+    p.add_argument("--data-dir", default=None, help="folder of *-idx?-ubyte.gz files, or torchvision's root for mnist")
+    p.add_argument("--eval-every", type=int, default=50, help="steps between test evaluations")
+    p.add_argument("--test-size", type=int, default=10000, help="test images evaluated (all 10000 by default)")
+    p.add_argument("--out-dir", default="runs/train", help="where rank 0 writes one JSON record per run")
+    return p.parse_args()
+
+
+# ---------------------------------------------------------------- data
+def read_idx(path: Path) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    dims = raw[3]
+    shape = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims)]
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
+
+
+def load_data(args) -> tuple[str, tuple[torch.Tensor, ...]]:
+    """(name, (train_x, train_y, test_x, test_y)) with images normalised to mean 0, std 1."""
+    folder = Path(args.data_dir or FASHION_DIR)
+    if args.data in ("auto", "fashion-mnist") and (folder / "train-images-idx3-ubyte.gz").exists():
+        name = "fashion-mnist" if args.data_dir is None else f"idx:{folder}"
+        arrays = [read_idx(folder / f"{split}-{kind}.gz") for split in ("train", "t10k")
+                  for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")]
+    elif args.data in ("auto", "mnist"):
+        import torchvision  # only needed for MNIST
+        root = args.data_dir or os.path.expanduser("~/.cache/horovod-truncq/mnist")
+        sets = [torchvision.datasets.MNIST(root, train=train, download=True) for train in (True, False)]
+        name = "mnist"
+        arrays = [a for s in sets for a in (s.data.numpy(), s.targets.numpy())]
+    else:
+        raise SystemExit(f"no Fashion-MNIST in {folder}: install Debian's dataset-fashion-mnist or pass --data-dir")
+    train_x, train_y, test_x, test_y = (torch.from_numpy(np.array(a)) for a in arrays)
+    mean, std = train_x.float().mean(), train_x.float().std()
+    norm = lambda x: ((x.float() - mean) / std).unsqueeze(1)  # noqa: E731
+    return name, (norm(train_x), train_y.long(), norm(test_x), test_y.long())
+
+
+# ---------------------------------------------------------------- model and compression
+def make_model(kind: str) -> torch.nn.Module:
+    if kind == "mlp":
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10))
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 16, 5), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(16, 32, 5), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Flatten(), torch.nn.Linear(512, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
+
+
+def make_compression(name: str, bits: int, args, seed: int):
+    if name == "none":
+        return hvd.Compression.none
+    if name == "fp16":
+        return hvd.Compression.fp16
+    cls = htq.SCHEMES[name]
+    if name in ("qsgd", "nqsgd"):
+        return cls(bits=bits, bucket_size=args.bucket_size, seed=seed)
+    return cls(bits=bits, tail=args.tail, seed=seed)
+
+
+def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    model.eval()
+    correct, loss = 0, 0.0
+    with torch.no_grad():
+        for start in range(0, len(x), 1000):
+            out = model(x[start:start + 1000])
+            loss += F.cross_entropy(out, y[start:start + 1000], reduction="sum").item()
+            correct += (out.argmax(1) == y[start:start + 1000]).sum().item()
+    model.train()
+    return correct / len(x), loss / len(x)
+
+
+# ---------------------------------------------------------------- one run
+def train(args, data_name: str, data, compressor: str, bits: int, seed: int) -> dict:
+    train_x, train_y, test_x, test_y = data
+    rank, size = hvd.rank(), hvd.size()
+    shard = torch.arange(rank, len(train_x), size)
+    steps = args.steps if args.epochs is None else max(1, round(args.epochs * len(shard) / args.batch_size))
+    torch.manual_seed(seed)  # same initial model on every rank
+    model = make_model(args.model)
+    compression = make_compression(compressor, bits, args, seed)
+    optimizer = htq.DistributedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay),
+        named_parameters=model.named_parameters(), compression=compression)
+    numel = sum(p.numel() for p in model.parameters())
+    sampler = torch.Generator().manual_seed(seed * 1000 + rank)
+    label = compressor if compressor in ("none", "fp16") else f"{compressor} b={bits}"
+    record = {"config": {**vars(args), "compressor": compressor, "bits": None if compressor in ("none", "fp16") else bits,
+                         "tail": getattr(getattr(compression, "tail", None), "name", None), "seed": seed,
+                         "workers": size, "data": data_name, "steps": steps, "parameters": numel},
+              "evaluations": []}
+    traffic_total = htq.Traffic()
+    start = time.perf_counter()
+    for step in range(1, steps + 1):
+        index = shard[torch.randint(len(shard), (args.batch_size,), generator=sampler)]
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(train_x[index]), train_y[index])
+        loss.backward()
+        optimizer.step()
+        if optimizer.traffic is not None:
+            taken = optimizer.traffic.take()
+            for key in ("payload", "overhead", "fp32_reference", "tensors"):
+                setattr(traffic_total, key, getattr(traffic_total, key) + getattr(taken, key))
+        if rank == 0 and (step % args.eval_every == 0 or step == steps):
+            accuracy, test_loss = evaluate(model, test_x[:args.test_size], test_y[:args.test_size])
+            record["evaluations"].append({"step": step, "accuracy": accuracy, "test_loss": test_loss,
+                                          "train_loss": loss.item(), "seconds": time.perf_counter() - start})
+            print(f"[{label} seed={seed}] step {step}/{steps}  train loss {loss.item():.4f}  "
+                  f"test accuracy {accuracy:.4f}  {time.perf_counter() - start:.1f}s", flush=True)
+    if compressor in ("none", "fp16"):
+        sent = numel * (2 if compressor == "fp16" else 4)
+        bytes_per_step = {"payload": sent, "overhead": 0, "total": sent, "fp32_reference": 4 * numel}
+    else:
+        bytes_per_step = {"payload": traffic_total.payload / steps, "overhead": traffic_total.overhead / steps,
+                          "total": traffic_total.total / steps, "fp32_reference": traffic_total.fp32_reference / steps}
+    record.update(final_accuracy=record["evaluations"][-1]["accuracy"] if rank == 0 else None,
+                  bytes_per_step=bytes_per_step, wall_seconds=time.perf_counter() - start)
+    return record
+
+
+def main() -> None:
+    args = parse_args()
+    hvd.init()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // hvd.local_size()))
+    compressors = args.compressor.split(",")
+    unknown = set(compressors) - set(COMPRESSORS)
+    if unknown:
+        raise SystemExit(f"unknown compressor(s) {sorted(unknown)}; choose from {', '.join(COMPRESSORS)}")
+    data_name, data = load_data(args)
+    out_dir = Path(args.out_dir)
+    runs = []
+    for compressor, bits, seed in itertools.product(compressors, args.bits.split(","), args.seed.split(",")):
+        if compressor in ("none", "fp16") and (compressor, seed) in {(c, s) for c, _, s in runs}:
+            continue  # bits do not apply
+        runs.append((compressor, bits, seed))
+    for compressor, bits, seed in runs:
+        record = train(args, data_name, data, compressor, int(bits), int(seed))
+        if hvd.rank() == 0:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            tag = compressor if compressor in ("none", "fp16") else f"{compressor}-b{bits}"
+            path = out_dir / f"{tag}-s{seed}.json"
+            path.write_text(json.dumps(record, indent=1))
+            print(f"[{tag} seed={seed}] final test accuracy {record['final_accuracy']:.4f}, "
+                  f"{record['bytes_per_step']['total']:.0f} bytes/step per worker "
+                  f"(fp32: {record['bytes_per_step']['fp32_reference']:.0f}), record: {path}", flush=True)
+    hvd.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Set up (idempotent), then run the test suite. Arguments go to pytest.
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+bash "$ROOT/launch/setup.sh"
+cd "$ROOT"
+status=0
+.venv/bin/python -m pytest "$@" || status=$?
+if [ "$status" = 5 ]; then
+  echo "!! [test] pytest collected no tests" >&2
+  exit 1
+fi
+exit "$status"
