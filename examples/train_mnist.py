@@ -45,7 +45,8 @@ def parse_args() -> argparse.Namespace:
                    help="auto: Fashion-MNIST from Debian's dataset-fashion-mnist, else MNIST via torchvision")
     p.add_argument("--data-dir", default=None, help="folder of *-idx?-ubyte.gz files, or torchvision's root for mnist")
     p.add_argument("--eval-every", type=int, default=50, help="steps between test evaluations")
-    p.add_argument("--test-size", type=int, default=10000, help="test images evaluated (all 10000 by default)")
+    p.add_argument("--test-size", type=int, default=2000,
+                   help="test images in the intermediate evaluations; the final one uses the whole test set")
     p.add_argument("--out-dir", default="runs/train", help="where rank 0 writes one JSON record per run")
     return p.parse_args()
 
@@ -145,8 +146,9 @@ def train(args, data_name: str, data, compressor: str, bits: int, seed: int) -> 
             for key in ("payload", "overhead", "fp32_reference", "tensors"):
                 setattr(traffic_total, key, getattr(traffic_total, key) + getattr(taken, key))
         if rank == 0 and (step % args.eval_every == 0 or step == steps):
-            accuracy, test_loss = evaluate(model, test_x[:args.test_size], test_y[:args.test_size])
-            record["evaluations"].append({"step": step, "accuracy": accuracy, "test_loss": test_loss,
+            images = len(test_x) if step == steps else args.test_size
+            accuracy, test_loss = evaluate(model, test_x[:images], test_y[:images])
+            record["evaluations"].append({"step": step, "accuracy": accuracy, "test_loss": test_loss, "test_images": images,
                                           "train_loss": loss.item(), "seconds": time.perf_counter() - start})
             print(f"[{label} seed={seed}] step {step}/{steps}  train loss {loss.item():.4f}  "
                   f"test accuracy {accuracy:.4f}  {time.perf_counter() - start:.1f}s", flush=True)

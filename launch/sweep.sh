@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The papers' experiment: every compressor at 2, 3 and 4 bits (plus none and fp16), 8 workers,
+# several seeds, on Fashion-MNIST; then docs/results.md and its plots from the records.
+#   bash launch/sweep.sh            # full: 2 seeds x 200 steps, about 45 minutes on 2 cores
+#   bash launch/sweep.sh --quick    # 3 bits, 1 seed, 60 steps: a few minutes
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+bash launch/setup.sh
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 PYTHONUNBUFFERED=1
+NP=${NP:-8}
+if [ "${1:-}" = "--quick" ]; then
+  OUT=runs/sweep-quick BITS=3 SEEDS=0 STEPS=60 EVAL=20 REPORT=runs/sweep-quick/report
+else
+  OUT=runs/sweep BITS=2,3,4 SEEDS=0,1 STEPS=200 EVAL=50 REPORT=docs
+fi
+rm -rf "$OUT"
+start=$SECONDS
+.venv/bin/horovodrun -np "$NP" -H "localhost:$NP" --gloo .venv/bin/python examples/train_mnist.py \
+  --compressor none,fp16,qsgd,nqsgd,tuqsgd,tnqsgd,tbqsgd --bits "$BITS" --seed "$SEEDS" \
+  --steps "$STEPS" --eval-every "$EVAL" --out-dir "$OUT" 2>&1 | grep --line-buffered -v "Warning" | tee "$OUT.log"
+echo "==> [sweep] training took $((SECONDS - start)) s"
+.venv/bin/python examples/report.py "$OUT" --out "$REPORT" --command "bash launch/sweep.sh $*" --notes docs/results-notes.md

@@ -1,0 +1,38 @@
+"""The report generator on a small fixture of records."""
+import json
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def record(compressor, bits, seed, accuracies, total):
+    return {"config": {"compressor": compressor, "bits": bits, "tail": "laplace" if compressor.startswith("t") else None,
+                       "seed": seed, "workers": 8, "model": "cnn", "parameters": 1000, "data": "fashion-mnist",
+                       "steps": 20, "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "batch_size": 32, "test_size": 100},
+            "evaluations": [{"step": 10 * (i + 1), "accuracy": a} for i, a in enumerate(accuracies)],
+            "final_accuracy": accuracies[-1], "wall_seconds": 30.0,
+            "bytes_per_step": {"total": total, "fp32_reference": 4000}}
+
+
+def test_report_from_fixture(tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    fixture = [record("none", None, 0, [0.5, 0.80], 4000), record("none", None, 1, [0.5, 0.82], 4000),
+               record("qsgd", 2, 0, [0.4, 0.60], 400), record("qsgd", 2, 1, [0.4, 0.62], 400),
+               record("tnqsgd", 2, 0, [0.5, 0.75], 420), record("tnqsgd", 2, 1, [0.5, 0.77], 420),
+               record("nqsgd", 3, 0, [0.5, 0.70], 500), record("tuqsgd", 3, 0, [0.5, 0.69], 520)]
+    for i, r in enumerate(fixture):
+        (runs / f"{i}.json").write_text(json.dumps(r))
+    out = tmp_path / "docs"
+    subprocess.run([sys.executable, "examples/report.py", str(runs), "--out", str(out), "--command", "CMD"],
+                   cwd=ROOT, check=True, capture_output=True)
+    page = (out / "results.md").read_text()
+    assert "| none | - | 32 | 2 | 81.00 ± 1.41 | 4,000 | 1.000 |" in page
+    assert "| qsgd | - | 2 | 2 | 61.00 ± 1.41 | 400 | 0.100 |" in page
+    assert "| tnqsgd | laplace | 2 | 2 | 76.00 ± 1.41 | 420 | 0.105 |" in page
+    assert "- 2 bits: held. Best truncated tnqsgd 76.00% vs best baseline qsgd 61.00%: +15.00 points" in page
+    assert "- 3 bits: did not hold. Best truncated tuqsgd 69.00% vs best baseline nqsgd 70.00%: -1.00 points" in page
+    assert "    CMD" in page
+    for png in ("accuracy_vs_steps.png", "accuracy_vs_bits.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
