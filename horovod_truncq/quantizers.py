@@ -33,12 +33,16 @@ def stochastic_round(x: torch.Tensor, grid: torch.Tensor, noise: torch.Tensor) -
     `grid` is ascending (ties allowed), x lies in [grid[0], grid[-1]] and noise is uniform in [0, 1),
     so E[grid[index]] = x.
     """
-    top = grid.numel() - 2
-    lower = (torch.searchsorted(grid, x, right=True) - 1).clamp(0, top)
-    lo, hi = grid[lower], grid[lower + 1]
-    width = hi - lo
-    up = torch.where(width > 0, (x - lo) / torch.where(width > 0, width, torch.ones_like(width)), torch.zeros_like(x))
-    return lower + (noise < up).to(lower.dtype)
+    lower = torch.searchsorted(grid, x, right=True, out_int32=True).sub_(1).clamp_(0, grid.numel() - 2)
+    lo = grid.index_select(0, lower)
+    width = grid.index_select(0, lower + 1).sub_(lo).clamp_min_(torch.finfo(torch.float32).tiny)
+    return lower.add_(noise < (x - lo).div_(width))
+
+
+def stochastic_round_uniform(scaled: torch.Tensor, intervals: int, noise: torch.Tensor) -> torch.Tensor:
+    """stochastic_round for the grid 0, 1, ..., intervals, by arithmetic: `scaled` lies in [0, intervals]."""
+    lower = scaled.floor().clamp_(0, intervals - 1)
+    return lower.add_(noise < scaled - lower).to(torch.int32)
 
 
 class Quantizer:
@@ -218,11 +222,13 @@ class _Truncated(Quantizer):
 
     def _quantize(self, x: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         side = self._side_info(x)
-        a = side[0]
-        return stochastic_round(torch.clamp(x, -a, a), self._levels(side), noise), side
+        return self._round(torch.clamp(x, -side[0], side[0]), side, noise), side
+
+    def _round(self, x: torch.Tensor, side: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return stochastic_round(x, self._levels(side), noise)
 
     def _dequantize(self, codes: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
-        return self._levels(side)[codes]
+        return self._levels(side).index_select(0, codes)
 
     def threshold(self, tensor: torch.Tensor) -> float:
         """The truncation threshold a this quantizer picks for a finite, non-empty `tensor`."""
@@ -247,6 +253,11 @@ class TUQSGD(_Truncated):
 
     def _levels(self, side: torch.Tensor) -> torch.Tensor:
         return lv.uniform_levels(side[0], self.s)
+
+    def _round(self, x: torch.Tensor, side: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        a = side[0]
+        per_level = torch.where(a > 0, self.s / (2 * a), torch.zeros_like(a))
+        return stochastic_round_uniform((x + a).mul_(per_level), self.s, noise)
 
 
 class TNQSGD(_Truncated):
@@ -313,25 +324,24 @@ class _NormScaled(Quantizer):
     def _side_info_count(self, numel: int) -> int:
         return max(1, -(-numel // self._bucket(numel)))
 
-    def _norms_per_element(self, norms: torch.Tensor, numel: int) -> torch.Tensor:
-        return norms.repeat_interleave(self._bucket(numel))[:numel]
+    def _round_magnitude(self, ratio: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return stochastic_round(ratio, self._magnitudes(ratio.device), noise)
 
     def _quantize(self, x: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        numel = x.numel()
-        bucket = self._bucket(numel)
-        padded = torch.nn.functional.pad(x, (0, self._side_info_count(numel) * bucket - numel))
-        norms = padded.view(-1, bucket).norm(dim=1)
-        scale = self._norms_per_element(norms, numel)
-        ratio = torch.where(scale > 0, x.abs() / torch.where(scale > 0, scale, torch.ones_like(scale)),
-                            torch.zeros_like(x)).clamp(0, 1)
-        index = stochastic_round(ratio, self._magnitudes(x.device), noise)
-        sign = (x < 0).to(index.dtype) << (self.bits - 1)
-        return sign | index, norms
+        numel, bucket = x.numel(), self._bucket(x.numel())
+        buckets = torch.nn.functional.pad(x, (0, self._side_info_count(numel) * bucket - numel)).view(-1, bucket)
+        norms = buckets.norm(dim=1)
+        inverse = torch.where(norms > 0, 1 / norms, torch.zeros_like(norms))
+        ratio = (buckets.abs() * inverse.unsqueeze(1)).view(-1)[:numel].clamp_(0, 1)
+        index = self._round_magnitude(ratio, noise)
+        return index | ((x < 0).to(index.dtype) << (self.bits - 1)), norms
 
     def _dequantize(self, codes: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
-        magnitude = self._magnitudes(codes.device)[codes & (self.magnitude_count - 1)]
-        sign = 1 - 2 * (codes >> (self.bits - 1)).to(torch.float32)
-        return sign * magnitude * self._norms_per_element(side, codes.numel())
+        numel, bucket = codes.numel(), self._bucket(codes.numel())
+        magnitude = self._magnitudes(codes.device).index_select(0, codes & (self.magnitude_count - 1))
+        values = torch.where(codes >> (self.bits - 1) > 0, -magnitude, magnitude)
+        padded = torch.nn.functional.pad(values, (0, side.numel() * bucket - numel)).view(-1, bucket)
+        return (padded * side.unsqueeze(1)).view(-1)[:numel]
 
 
 class QSGD(_NormScaled):
@@ -342,6 +352,10 @@ class QSGD(_NormScaled):
 
     def _magnitudes(self, device: torch.device) -> torch.Tensor:
         return torch.linspace(0, 1, self.magnitude_count, device=device)
+
+    def _round_magnitude(self, ratio: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        intervals = self.magnitude_count - 1
+        return stochastic_round_uniform(ratio * intervals, intervals, noise)
 
 
 class NQSGD(_NormScaled):

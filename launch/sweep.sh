@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The papers' experiment: every compressor at 2, 3 and 4 bits (plus none and fp16), 8 workers,
 # several seeds, on Fashion-MNIST; then docs/results.md and its plots from the records.
-#   bash launch/sweep.sh            # full: 2 seeds x 200 steps, about 45 minutes on 2 cores
+#   bash launch/sweep.sh            # full: 3 seeds x 250 steps (51 runs), under an hour on 2 cores
 #   bash launch/sweep.sh --quick    # 3 bits, 1 seed, 60 steps: a few minutes
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -12,7 +12,7 @@ NP=${NP:-8}
 if [ "${1:-}" = "--quick" ]; then
   OUT=runs/sweep-quick BITS=3 SEEDS=0 STEPS=60 EVAL=20 REPORT=runs/sweep-quick/report
 else
-  OUT=runs/sweep BITS=2,3,4 SEEDS=0,1 STEPS=200 EVAL=50 REPORT=docs
+  OUT=runs/sweep BITS=2,3,4 SEEDS=0,1,2 STEPS=250 EVAL=50 REPORT=docs
 fi
 rm -rf "$OUT"
 start=$SECONDS
