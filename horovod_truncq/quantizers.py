@@ -130,12 +130,9 @@ class Quantizer:
             raise ValueError(f"payload must be a 1-D uint8 tensor, got {payload.dtype} of shape {tuple(payload.shape)}")
         numel = math.prod(shape)
         head = wire.parse_header(bytes(payload[: wire.HEADER_BYTES].tolist()))
-        expected = (self.scheme_id, self.bits, self.tail_id, numel)
-        found = (head.scheme, head.bits, head.tail, head.numel)
-        if found != expected:
-            raise ValueError(f"payload does not match {self!r} for {numel} elements: it holds scheme id "
-                             f"{head.scheme}, {head.bits} bits, tail id {head.tail}, {head.numel} elements; "
-                             f"expected scheme id {self.scheme_id}, {self.bits} bits, tail id {self.tail_id}")
+        if (head.scheme, head.bits, head.tail, head.numel) != (self.scheme_id, self.bits, self.tail_id, numel):
+            raise ValueError(f"payload does not match {self!r} for {numel} elements: it holds "
+                             f"{_describe(head.scheme, head.bits, head.tail)} for {head.numel} elements")
         if payload.numel() != self.payload_size(numel):
             raise ValueError(f"payload has {payload.numel()} bytes, expected {self.payload_size(numel)} for "
                              f"{numel} elements: truncated or padded")
@@ -186,14 +183,10 @@ class _Truncated(Quantizer):
             raise ValueError(f"tail must be one of {sorted(TAILS)}, got {tail!r}")
         self.tail = TAILS[tail]
         self.tail_id = self.tail.id
-        self.levels_count = 2 ** bits  # s + 1
+        self.s = 2 ** bits - 1  # intervals between the 2^bits levels
 
     def _repr_extra(self) -> str:
         return f", tail={self.tail.name!r}"
-
-    @property
-    def s(self) -> int:
-        return self.levels_count - 1
 
     def _extra_count(self) -> int:
         return 0
@@ -371,3 +364,10 @@ class NQSGD(_NormScaled):
 
 
 SCHEMES = {cls.scheme: cls for cls in (TUQSGD, TNQSGD, TBQSGD, QSGD, NQSGD)}
+_SCHEMES_BY_ID = {cls.scheme_id: cls.scheme for cls in SCHEMES.values()}
+
+
+def _describe(scheme_id: int, bits: int, tail_id: int) -> str:
+    scheme = _SCHEMES_BY_ID.get(scheme_id, f"unknown scheme {scheme_id}")
+    tail = f", tail {TAILS_BY_ID[tail_id].name}" if tail_id in TAILS_BY_ID else ""
+    return f"{scheme} with {bits} bits{tail}"

@@ -8,7 +8,7 @@ pytestmark = pytest.mark.multirank
 
 
 def test_two_ranks_gloo():
-    checks = ["exact", "none", "stock", "bytes", "features", "train"]
+    checks = ["exact", "none", "stock", "bytes", "features", "order", "train"]
     output = run_ranks(2, [WORKER, *checks])
     for check in checks:
         assert_ok(output, check, 2)

@@ -187,16 +187,17 @@ def check_features() -> None:
     for n, p in net.named_parameters():
         torch.testing.assert_close(p.detach(), before[n] - expected[n], rtol=0, atol=1e-6)
 
-    # groups: same result as without
+    # groups, and gradient_predivide_factor: same result as without
     results = []
-    for groups in (None, 2):
+    for options in ({}, {"groups": 2}, {"gradient_predivide_factor": 4.0}):
         net = model()
         opt = htq.DistributedOptimizer(torch.optim.SGD(net.parameters(), lr=0.5), named_parameters=net.named_parameters(),
-                                       compression=QUANTIZERS["tuqsgd"](), groups=groups, min_elements=300)
+                                       compression=QUANTIZERS["tuqsgd"](), min_elements=300, **options)
         sgd_step(opt, net, 0)
         results.append([p.detach().clone() for p in net.parameters()])
-    for a, b in zip(*results):
-        assert torch.equal(a, b)
+    for variant in results[1:]:
+        for a, b in zip(results[0], variant):
+            assert torch.allclose(a, b, rtol=0, atol=1e-6)
 
     # a parameter without gradient on some step, on some ranks; zero_grad(set_to_none=True)
     net = model()
@@ -251,6 +252,27 @@ def check_features() -> None:
     print(f"OK features {RANK}", flush=True)
 
 
+def check_order() -> None:
+    """Ranks submit their gradients in different orders, then wait in one order: no deadlock, and
+    every rank gets the same average."""
+    net = model()
+    for p in net.parameters():
+        p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(RANK * 100 + p.numel()))
+    compressor = fixed_rounding(htq.TNQSGD(bits=3)).bind(net.named_parameters(), min_elements=0)
+    params = list(net.named_parameters())
+    order = params if RANK % 2 == 0 else params[::-1]
+    started = {name: compressor.compress(p.grad) for name, p in order}
+    results = {}
+    for name, _ in params:
+        placeholder, ctx = started[name]
+        reduced = hvd.allreduce(placeholder, name=f"test.order.{name}", op=hvd.Average)
+        results[name] = compressor.decompress(reduced, ctx)
+    flat = torch.cat([results[name].reshape(-1) for name, _ in params])
+    gathered = hvd.allgather(flat.reshape(1, -1), name="test.order.result")
+    assert torch.equal(gathered, flat.expand_as(gathered))
+    print(f"OK order {RANK}", flush=True)
+
+
 def check_process_set() -> None:
     """Averaging over a process set of ranks 0..2; ranks outside keep their parameters."""
     members = [0, 1, 2]
@@ -302,7 +324,7 @@ def check_train() -> None:
 
 CHECKS = {"exact": check_exact, "none": check_none_matches_horovod, "stock": check_stock_optimizer_same_as_ours,
           "bytes": check_bytes, "features": check_features, "process_set": check_process_set,
-          "mismatch": check_mismatch, "train": check_train,
+          "mismatch": check_mismatch, "train": check_train, "order": check_order,
           "exact-short": lambda: check_exact(("tnqsgd", "qsgd"), ("mean",))}
 
 for scenario in scenarios:
