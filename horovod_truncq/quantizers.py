@@ -8,6 +8,7 @@ header on the host once to validate it.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -43,6 +44,13 @@ def stochastic_round_uniform(scaled: torch.Tensor, intervals: int, noise: torch.
     """stochastic_round for the grid 0, 1, ..., intervals, by arithmetic: `scaled` lies in [0, intervals]."""
     lower = scaled.floor().clamp_(0, intervals - 1)
     return lower.add_(noise < scaled - lower).to(torch.int32)
+
+
+@functools.lru_cache(maxsize=4096)
+def _device_header(scheme_id: int, bits: int, tail_id: int, numel: int, device: torch.device) -> torch.Tensor:
+    """The fixed header on `device`, copied from the host once per tensor size instead of per call
+    (a copy from pageable host memory would synchronise a CUDA stream)."""
+    return torch.tensor(list(wire.header_bytes(scheme_id, bits, tail_id, numel)), dtype=torch.uint8, device=device)
 
 
 class Quantizer:
@@ -109,8 +117,7 @@ class Quantizer:
             raise TypeError(f"{type(self).__name__}.encode takes floating-point tensors, got {tensor.dtype}")
         x = tensor.detach().reshape(-1).to(torch.float32)
         numel = x.numel()
-        header = torch.tensor(list(wire.header_bytes(self.scheme_id, self.bits, self.tail_id, numel)),
-                              dtype=torch.uint8, device=x.device)
+        header = _device_header(self.scheme_id, self.bits, self.tail_id, numel, x.device).clone()
         if numel == 0:
             side = torch.zeros(self._side_info_count(0), dtype=torch.float32, device=x.device)
             return torch.cat([header, wire.side_info_to_bytes(side)])
