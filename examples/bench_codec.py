@@ -7,8 +7,9 @@ Columns:
 - real: relative error sum((q(g) - g)^2) / sum(g^2), averaged over the gradients (>= 1024 elements)
   of the example CNN captured at steps 1, 50 and 100 of single-process SGD on Fashion-MNIST.
 - bytes/elem: payload bytes per element for a 2^20-element tensor (header and side information included).
-- encode, decode: time per call as a multiple of `x.clone()` of the same float32 tensor, both
-  measured in this run (median of repeats, interleaved), so machine noise cancels.
+- encode, decode: time per call as a multiple of a plain copy of the same float32 tensor into a
+  preallocated buffer, both measured in this run (median of repeats, interleaved), so machine noise
+  cancels. The first row is Horovod's fp16 compressor (a cast to float16 and back) for scale.
 """
 from __future__ import annotations
 
@@ -56,14 +57,15 @@ def timed(fn, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def speed_ratios(q, x: torch.Tensor, repeats: int) -> tuple[float, float]:
-    payload = q.encode(x)  # warm-up
-    q.decode(payload, x.shape)
+def speed_ratios(encode, decode, x: torch.Tensor, repeats: int) -> tuple[float, float]:
+    buffer = torch.empty_like(x)
+    payload = encode(x)  # warm-up
+    decode(payload)
     copy, enc, dec = [], [], []
     for _ in range(repeats):
-        copy.append(timed(lambda: x.clone(), x.device))
-        enc.append(timed(lambda: q.encode(x), x.device))
-        dec.append(timed(lambda: q.decode(payload, x.shape), x.device))
+        copy.append(timed(lambda: buffer.copy_(x), x.device))
+        enc.append(timed(lambda: encode(x), x.device))
+        dec.append(timed(lambda: decode(payload), x.device))
     base = statistics.median(copy)
     return statistics.median(enc) / base, statistics.median(dec) / base
 
@@ -93,17 +95,23 @@ def main() -> None:
           f"({sum(g.numel() for g in grads)} elements), torch {torch.__version__}")
     print(f"| scheme | tail | bits | laplace MSE | student-t MSE | real rel. error | bytes/elem | encode / copy | decode / copy |")
     print("|---|---|---|---|---|---|---|---|---|")
+    enc, dec = speed_ratios(lambda t: t.half(), lambda h: h.float(), laplace, args.repeats)
+    half = lambda t: t.half().float()  # noqa: E731
+    print(f"| fp16 (Horovod) | - | 16 | {((half(laplace) - laplace) ** 2).mean():.3g} | "
+          f"{((half(student) - student) ** 2).mean():.3g} | "
+          f"{statistics.mean(((half(g) - g) ** 2).sum().item() / (g ** 2).sum().item() for g in grads):.3g} | "
+          f"2.0000 | {enc:.3g} | {dec:.3g} |", flush=True)
     for bits in (int(b) for b in args.bits.split(",")):
         for cls, tail, extra in CONFIGS:
             kwargs = dict(extra, bits=bits, seed=0)
             if tail:
                 kwargs["tail"] = tail
             q = cls(**kwargs)
-            enc, dec = speed_ratios(q, laplace, args.repeats)
+            enc, dec = speed_ratios(q.encode, lambda p: q.decode(p, laplace.shape), laplace, args.repeats)
             name = cls.__name__ + (f" (bucket {extra['bucket_size']})" if extra else "")
             print(f"| {name} | {tail or '-'} | {bits} | {mse(q, laplace):.4g} | {mse(q, student):.4g} | "
                   f"{relative_error(q, grads):.4g} | {q.payload_size(args.elements) / args.elements:.4f} | "
-                  f"{enc:.1f} | {dec:.1f} |", flush=True)
+                  f"{enc:.3g} | {dec:.3g} |", flush=True)
 
 
 if __name__ == "__main__":
