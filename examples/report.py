@@ -20,6 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 TRUNCATED = ("tuqsgd", "tnqsgd", "tbqsgd")
 BASELINES = ("qsgd", "nqsgd")
 ORDER = ("none", "fp16") + BASELINES + TRUNCATED
+COLORS = dict(zip(ORDER, ("black", "gray", "tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")))
 
 
 def load(folder: Path) -> dict[tuple[str, object], list[dict]]:
@@ -32,9 +33,10 @@ def load(folder: Path) -> dict[tuple[str, object], list[dict]]:
     return groups
 
 
-def summary(records: list[dict]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for one run) of the final accuracy, in percent."""
-    values = [100 * r["final_accuracy"] for r in records]
+def summary(records: list[dict], evaluation: int = -1) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one run) of one evaluation's accuracy (default:
+    the final one), in percent."""
+    values = [100 * r["evaluations"][evaluation]["accuracy"] for r in records]
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
@@ -43,16 +45,19 @@ def sort_key(key: tuple[str, object]) -> tuple[int, int]:
 
 
 def table(groups) -> list[str]:
-    lines = ["| compressor | tail | bits/coord | seeds | final test accuracy % (mean ± std) | bytes/step/worker | vs fp32 |",
-             "|---|---|---|---|---|---|---|"]
+    first = next(iter(groups.values()))[0]["evaluations"][0]["step"]
+    lines = [f"| compressor | tail | bits/coord | seeds | accuracy % at step {first} | final test accuracy % "
+             f"(mean ± std) | bytes/step/worker | vs fp32 |",
+             "|---|---|---|---|---|---|---|---|"]
     for key in sorted(groups, key=sort_key):
         records = groups[key]
         mean, std = summary(records)
+        early, early_std = summary(records, 0)
         sent = statistics.mean(r["bytes_per_step"]["total"] for r in records)
         reference = records[0]["bytes_per_step"]["fp32_reference"]
         bits = {"none": 32, "fp16": 16}.get(key[0], key[1])
         lines.append(f"| {key[0]} | {records[0]['config'].get('tail') or '-'} | {bits} | {len(records)} | "
-                     f"{mean:.2f} ± {std:.2f} | {sent:,.0f} | {sent / reference:.3f} |")
+                     f"{early:.2f} ± {early_std:.2f} | {mean:.2f} ± {std:.2f} | {sent:,.0f} | {sent / reference:.3f} |")
     return lines
 
 
@@ -98,7 +103,8 @@ def plot_steps(groups, path: Path) -> None:
         for key in sorted(lines, key=sort_key):
             if key[1] in (bits, None):
                 steps, means = lines[key]
-                ax.plot(steps, means, "--" if key[1] is None else "-", marker="o", markersize=3, label=key[0])
+                ax.plot(steps, means, "--" if key[1] is None else "-", marker="o", markersize=3, label=key[0],
+                        color=COLORS[key[0]])
         ax.set_title(f"{bits} bits per coordinate")
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -115,11 +121,12 @@ def plot_bits(groups, path: Path) -> None:
         points = sorted((k[1], summary(v)) for k, v in groups.items() if k[0] == name and k[1] is not None)
         if points:
             ax.errorbar([b for b, _ in points], [m for _, (m, _) in points], yerr=[s for _, (_, s) in points],
-                        marker="o", capsize=3, label=name)
+                        marker="o", capsize=3, label=name, color=COLORS[name])
         elif (name, None) in groups:
-            ax.axhline(summary(groups[(name, None)])[0], linestyle="--", color="gray" if name == "none" else "black",
-                       linewidth=1, label=f"{name} (32/16 bits)")
+            ax.axhline(summary(groups[(name, None)])[0], linestyle="--", color=COLORS[name], linewidth=1,
+                       label=f"{name} ({'32' if name == 'none' else '16'} bits)")
     ax.set_xlabel("bits per coordinate")
+    ax.set_xticks(sorted({k[1] for k in groups if k[1] is not None}))
     ax.set_ylabel("final test accuracy % (mean ± std over seeds)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -148,7 +155,8 @@ def main() -> None:
         f"({config['parameters']:,} parameters) on {config['data']} for {config['steps']} steps: SGD, learning rate "
         f"{config['lr']}, momentum {config['momentum']}, weight decay {config['weight_decay']}, batch "
         f"{config['batch_size']} per worker, each worker on its own shard. The final accuracy is on the whole "
-        f"test set (10,000 images); the intermediate points of the curves use the first {config['test_size']}. "
+        f"test set (10,000 images); the intermediate evaluations (the curves, and the first-evaluation column) "
+        f"use the first {config['test_size']}. "
         f"Bytes per step are what one worker contributes to the collectives (payloads, 4-byte placeholders "
         f"and the tensors under 1024 elements sent in fp32), next to an fp32 allreduce's 4 bytes per element. "
         f"Training time of all runs together: {seconds / 60:.0f} minutes.",

@@ -28,9 +28,10 @@ def test_report_from_fixture(tmp_path):
     subprocess.run([sys.executable, "examples/report.py", str(runs), "--out", str(out), "--command", "CMD"],
                    cwd=ROOT, check=True, capture_output=True)
     page = (out / "results.md").read_text()
-    assert "| none | - | 32 | 2 | 81.00 ± 1.41 | 4,000 | 1.000 |" in page
-    assert "| qsgd | - | 2 | 2 | 61.00 ± 1.41 | 400 | 0.100 |" in page
-    assert "| tnqsgd | laplace | 2 | 2 | 76.00 ± 1.41 | 420 | 0.105 |" in page
+    assert "| accuracy % at step 10 |" in page
+    assert "| none | - | 32 | 2 | 50.00 ± 0.00 | 81.00 ± 1.41 | 4,000 | 1.000 |" in page
+    assert "| qsgd | - | 2 | 2 | 40.00 ± 0.00 | 61.00 ± 1.41 | 400 | 0.100 |" in page
+    assert "| tnqsgd | laplace | 2 | 2 | 50.00 ± 0.00 | 76.00 ± 1.41 | 420 | 0.105 |" in page
     assert "- 2 bits: held. Best truncated tnqsgd 76.00% vs best baseline qsgd 61.00%: +15.00 points" in page
     assert "- 3 bits: did not hold. Best truncated tuqsgd 69.00% vs best baseline nqsgd 70.00%: -1.00 points" in page
     assert "    CMD" in page
