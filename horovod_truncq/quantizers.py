@@ -122,9 +122,13 @@ class Quantizer:
             side = torch.zeros(self._side_info_count(0), dtype=torch.float32, device=x.device)
             return torch.cat([header, wire.side_info_to_bytes(side)])
         finite = torch.isfinite(x)
-        header[6] = (~finite).any().to(torch.uint8) * wire.FLAG_NONFINITE
         x = torch.where(finite, x, torch.zeros_like(x))
         codes, side = self._quantize(x, self._noise(numel, x.device))
+        # Finite input can still overflow float32 side information (a norm or mean of huge values):
+        # that is flagged like NaN/Inf input, and the stored side information stays finite.
+        side_finite = torch.isfinite(side)
+        header[6] = (~finite.all() | ~side_finite.all()).to(torch.uint8) * wire.FLAG_NONFINITE
+        side = torch.where(side_finite, side, torch.zeros_like(side))
         return torch.cat([header, wire.side_info_to_bytes(side), packing.pack(codes, self.bits)])
 
     def decode(self, payload: torch.Tensor, shape: Shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -152,8 +156,9 @@ class Quantizer:
         values = self._dequantize(packing.unpack(payload[side_end:], self.bits, numel), side)
         if head.flags & wire.FLAG_NONFINITE:
             if not self._warned_nonfinite:
-                log.warning("%r: gradient held NaN or Inf; the decoded tensor is all NaN so that a "
-                            "loss-scaling optimizer skips the step (further occurrences not logged)", self)
+                log.warning("%r: gradient held NaN or Inf, or overflowed float32 in its norm or mean; the "
+                            "decoded tensor is all NaN so that a loss-scaling optimizer skips the step "
+                            "(further occurrences not logged)", self)
                 self._warned_nonfinite = True
             values = torch.full_like(values, float("nan"))
         return values.reshape(shape).to(dtype)

@@ -260,6 +260,19 @@ def test_non_finite_input_decodes_all_nan_and_warns_once(cls, bad, caplog):
     assert torch.isfinite(q.decode(q.encode(clean), clean.shape)).all()
 
 
+@pytest.mark.parametrize("cls", ALL_SCHEMES)
+def test_overflowing_side_information_is_flagged_not_corrupt(cls):
+    """Finite values whose float32 norm or mean overflows: a well-formed payload that decodes to all
+    NaN, like NaN input (an fp32 allreduce of such gradients overflows too)."""
+    q = cls(bits=4)
+    x = torch.full((1000,), 3e38) * torch.where(torch.arange(1000) % 2 == 0, 1.0, -1.0)
+    assert torch.isfinite(x).all()
+    payload = q.encode(x)
+    side = wire.side_info_from_bytes(payload[wire.HEADER_BYTES:wire.HEADER_BYTES + 4 * q._side_info_count(1000)])
+    assert torch.isfinite(side).all()
+    assert torch.isnan(q.decode(payload, x.shape)).all()
+
+
 def test_compress_decompress_round_trip():
     q = htq.TNQSGD(bits=8)
     x = torch.randn(10, 10, dtype=torch.float16)
