@@ -27,5 +27,5 @@ start=$SECONDS
   --compressor "$COMPRESSORS" --bits "$BITS" --seed "$SEEDS" --lr "$LR" \
   --steps "$STEPS" --eval-every "$EVAL" --out-dir "$OUT" 2>&1 | grep --line-buffered -v "Warning" | tee "$OUT.log"
 echo "==> [sweep] training took $((SECONDS - start)) s"
-.venv/bin/python examples/report.py "$OUT" --out "$REPORT" --command "${overrides}bash launch/sweep.sh $*" \
+.venv/bin/python examples/report.py "$OUT" --out "$REPORT" --command "${overrides}bash launch/sweep.sh${*:+ $*}" \
   --notes "$REPORT/results-notes.md"
