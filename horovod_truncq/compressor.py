@@ -19,7 +19,7 @@ from typing import Iterable, Optional
 import horovod.torch as hvd
 import torch
 
-from .exchange import AllgatherExchange, Exchange
+from .exchange import AllgatherExchange, Exchange, Waiter
 from .quantizers import Quantizer
 
 DEFAULT_MIN_ELEMENTS = 1024
@@ -64,7 +64,7 @@ class TrafficCounter:
 
 @dataclass
 class _Context:
-    wait: Optional[object]  # the exchange's waiter, None for tensors sent unquantized
+    wait: Optional[Waiter]  # None for tensors sent unquantized
     shape: torch.Size
     dtype: torch.dtype
     name: str
