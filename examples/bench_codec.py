@@ -30,9 +30,8 @@ CONFIGS = ([(cls, tail, {}) for cls in (htq.TUQSGD, htq.TNQSGD, htq.TBQSGD) for 
 
 def capture_gradients(steps=(1, 50, 100)) -> list[torch.Tensor]:
     """Gradients of the example CNN during plain SGD on Fashion-MNIST (no Horovod needed)."""
-    import argparse as ap
     from train_mnist import load_data, make_model
-    _, (train_x, train_y, _, _) = load_data(ap.Namespace(data="auto", data_dir=None))
+    _, (train_x, train_y, _, _) = load_data(argparse.Namespace(data="auto", data_dir=None))
     torch.manual_seed(0)
     model = make_model("cnn")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)

@@ -102,22 +102,28 @@ class ExchangeCompressor:
         self.min_elements = min_elements
         self.exchange = exchange or AllgatherExchange()
         self.traffic = TrafficCounter()
-        self._names_by_grad: dict[int, str] = {}
+        self._last_name = ""
+        self._next_name: dict[str, str] = {}  # learned hook order: the name found after each name
 
     def __repr__(self) -> str:
         return (f"ExchangeCompressor({self.quantizer!r}, exchange={self.exchange.name}, "
                 f"min_elements={self.min_elements}, parameters={len(self.parameters)})")
 
     def _name_of(self, grad: torch.Tensor) -> str:
-        name = self._names_by_grad.get(id(grad))
-        if name is None or self.parameters[name].grad is not grad:
-            self._names_by_grad = {id(p.grad): n for n, p in self.parameters.items() if p.grad is not None}
-            name = self._names_by_grad.get(id(grad))
-        if name is None:
-            raise ValueError(f"horovod_truncq: a gradient of shape {tuple(grad.shape)} belongs to none of the "
-                             f"{len(self.parameters)} named parameters given to the compressor; pass the same "
-                             f"named_parameters to the compressor and to DistributedOptimizer (sparse gradients "
-                             f"with sparse_as_dense=True are not supported)")
+        """The parameter whose .grad is `grad`. Hooks fire in the same order every step, so the
+        parameter that followed the previous one last time is tried first: O(1) once learned."""
+        guess = self._next_name.get(self._last_name)
+        if guess is not None and self.parameters[guess].grad is grad:
+            name = guess
+        else:
+            name = next((n for n, p in self.parameters.items() if p.grad is grad), None)
+            if name is None:
+                raise ValueError(f"horovod_truncq: a gradient of shape {tuple(grad.shape)} belongs to none of the "
+                                 f"{len(self.parameters)} named parameters given to the compressor; pass the same "
+                                 f"named_parameters to the compressor and to DistributedOptimizer (sparse gradients "
+                                 f"with sparse_as_dense=True are not supported)")
+            self._next_name[self._last_name] = name
+        self._last_name = name
         return name
 
     def compress(self, tensor: torch.Tensor) -> tuple[torch.Tensor, _Context]:

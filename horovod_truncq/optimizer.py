@@ -24,8 +24,8 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters=None
 
     Any other `compression` (hvd.Compression.none, fp16) goes to Horovod untouched. The returned
     optimizer has `.traffic`, the byte counter (None without a quantizer), and its zero_grad takes
-    torch's `set_to_none`. Supports op=hvd.Average
-    and hvd.Sum; hvd.Adasum and sparse gradients are refused with a ValueError.
+    torch's `set_to_none`. Supports op=hvd.Average and hvd.Sum; hvd.Adasum and sparse gradients are
+    refused with a ValueError.
     """
     traffic = None
     if isinstance(compression, Quantizer):
