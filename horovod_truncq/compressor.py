@@ -11,7 +11,6 @@ under Sum, for k ranks. Any other reduction is refused.
 """
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
@@ -74,8 +73,9 @@ class ExchangeCompressor:
     """The `compression=` object for hvd.DistributedOptimizer: `quantizer.bind(named_parameters)`.
 
     Args:
-        quantizer: the codec. A seeded quantizer is re-seeded with seed + hvd.rank() so ranks draw
-            independent rounding noise (identical noise on every rank would not average out).
+        quantizer: the codec. The compressor uses a copy that draws this rank's noise streams, keyed by
+            (seed, rank, parameter name, step): ranks draw independent rounding noise (identical
+            noise on every rank would not average out), and a seeded run is reproducible.
         named_parameters: the same (name, parameter) pairs given to DistributedOptimizer; they name
             the collectives and let `compress` find which parameter a gradient belongs to.
         process_set: the optimizer's process set; results are averaged over its size.
@@ -94,10 +94,7 @@ class ExchangeCompressor:
             raise ValueError("named_parameters is empty: the compressor needs the (name, parameter) pairs")
         if min_elements < 0:
             raise ValueError(f"min_elements must be >= 0, got {min_elements}")
-        if quantizer.seed is not None:
-            quantizer = copy.copy(quantizer)
-            quantizer.reseed(quantizer.seed + hvd.rank())
-        self.quantizer = quantizer
+        self.quantizer = quantizer.for_rank(hvd.rank())
         self.process_set = process_set
         self.min_elements = min_elements
         self.exchange = exchange or AllgatherExchange()

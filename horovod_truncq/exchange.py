@@ -39,7 +39,7 @@ class AllgatherExchange:
     name = "allgather"
 
     def submit(self, tensor: torch.Tensor, quantizer: Quantizer, name: str, process_set) -> Waiter:
-        payload = quantizer.encode(tensor)
+        payload = quantizer.encode(tensor, name=name)
         handle = hvd.allgather_async(payload, name=f"truncq.allgather.{name}", process_set=process_set)
         numel, size = tensor.numel(), payload.numel()
 
@@ -50,14 +50,11 @@ class AllgatherExchange:
                 raise ValueError(f"parameter {name!r}: ranks sent payloads of different sizes "
                                  f"({gathered.numel()} bytes from {ranks} ranks, {size} from this one): "
                                  f"they disagree on scheme, bits or tensor size")
-            total = torch.zeros(numel, dtype=torch.float32, device=tensor.device)
-            for rank, chunk in enumerate(gathered.view(ranks, size)):
-                try:
-                    total += quantizer.decode(chunk, (numel,))
-                except ValueError as error:
-                    raise ValueError(f"parameter {name!r}: payload of rank {rank} in the process set "
-                                     f"does not match {quantizer!r}: {error}") from error
-            return total
+            try:
+                return quantizer.decode_sum(gathered.view(ranks, size), (numel,))
+            except ValueError as error:
+                raise ValueError(f"parameter {name!r}: a rank's payload does not match {quantizer!r} "
+                                 f"(rows are ranks of the process set): {error}") from error
 
         return wait
 

@@ -7,6 +7,8 @@ variance), entirely in tensor operations, so it stays on the gradient's device w
 """
 from __future__ import annotations
 
+import functools
+import math
 from typing import Callable
 
 import torch
@@ -35,6 +37,25 @@ def minimize_threshold(objective: Objective, amax: torch.Tensor) -> torch.Tensor
         best = torch.nan_to_num(objective(grid), nan=float("inf")).argmin()
         lo, hi = _refine_bounds(grid, best)
     return torch.sqrt(lo * hi)
+
+
+@functools.lru_cache(maxsize=None)
+def _lambert_w(x: float) -> float:
+    """W(x) for x >= 0 (Newton's method on w e^w = x)."""
+    w = math.log1p(x)
+    for _ in range(100):
+        w -= (w * math.exp(w) - x) / (math.exp(w) * (w + 1))
+    return w
+
+
+def laplace_uniform_threshold(gamma: torch.Tensor, s: int) -> torch.Tensor:
+    """TUQSGD under the Laplace model, closed form (design note §3): a* = gamma W(s^2)."""
+    return gamma * _lambert_w(float(s * s))
+
+
+def laplace_nonuniform_threshold(gamma: torch.Tensor, s: int) -> torch.Tensor:
+    """TNQSGD under the Laplace model, closed form (design note §3): a* = 3 gamma ln(1 + sqrt(6) s / 9)."""
+    return 3 * gamma * math.log1p(math.sqrt(6) * s / 9)
 
 
 def uniform_threshold(tail, params: torch.Tensor, amax: torch.Tensor, s: int) -> torch.Tensor:
@@ -93,16 +114,14 @@ def biscaled_threshold(tail, params: torch.Tensor, amax: torch.Tensor, s: int) -
 def uniform_levels(a: torch.Tensor, s: int) -> torch.Tensor:
     """s + 1 equally spaced levels on [-a, a]."""
     j = torch.arange(s + 1, device=a.device, dtype=torch.float32)
-    return -a + 2 * a * j / s
+    return _pin_ends(-a + 2 * a * j / s, a)
 
 
 def nonuniform_levels(tail, params: torch.Tensor, a: torch.Tensor, s: int) -> torch.Tensor:
     """Levels l_j = G^-1(j/s) for the density lambda ~ p^(1/3) on [-a, a] (symmetric)."""
     u = torch.arange(s + 1, device=a.device, dtype=torch.float32) * (2.0 / s) - 1
     magnitude = tail.root_mass_inverse(params, u.abs() * tail.root_mass(params, a))
-    levels = torch.sign(u) * torch.minimum(magnitude, a)
-    levels[0], levels[-1] = -a, a
-    return levels
+    return _pin_ends(torch.sign(u) * torch.minimum(magnitude, a), a)
 
 
 def biscaled_levels(a: torch.Tensor, c: torch.Tensor, s1: torch.Tensor, s: int) -> torch.Tensor:
@@ -112,4 +131,10 @@ def biscaled_levels(a: torch.Tensor, c: torch.Tensor, s1: torch.Tensor, s: int) 
     left = -a + (a - c) * j / half
     fine = -c + 2 * c * (j - half) / s1
     right = c + (a - c) * (j - half - s1) / half
-    return torch.where(j < half, left, torch.where(j <= half + s1, fine, right))
+    return _pin_ends(torch.where(j < half, left, torch.where(j <= half + s1, fine, right)), a)
+
+
+def _pin_ends(levels: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """The end levels are exactly -a and a, so constant tensors (a = |value|) come back exactly."""
+    levels[0], levels[-1] = -a, a
+    return levels

@@ -1,13 +1,15 @@
 """The quantizers: truncated TUQSGD, TNQSGD, TBQSGD and the QSGD and NQSGD baselines.
 
 Each turns a gradient into one self-describing uint8 payload (wire.py) and back. A truncated scheme
-clamps every coordinate to [-a, a] and rounds it stochastically to one of s + 1 = 2^bits levels, so
-the decoded value is unbiased for the truncated one. The baselines scale by the L2 norm and spend one
-bit on the sign. Encoding runs on the gradient's device with no host round-trip; decoding reads the
-header on the host once to validate it.
+clamps every coordinate to [-a, a] and rounds it stochastically to one of 2^bits levels, so the
+decoded value is unbiased for the truncated one; its levels travel in the payload. The baselines
+scale by the L2 norm of each bucket and spend one bit on the sign. Encoding makes no host
+round-trip; decoding the W payloads of a tensor reads one small summary on the host to validate
+them all (kernels.py has the passes over memory).
 """
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import math
@@ -16,9 +18,9 @@ from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 import torch
 
+from . import kernels, noise, packing, wire
 from . import levels as lv
-from . import packing, wire
-from .tails import TAILS, TAILS_BY_ID
+from .tails import TAILS, TAILS_BY_ID, Laplace
 
 if TYPE_CHECKING:
     from .compressor import ExchangeCompressor
@@ -26,24 +28,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("horovod_truncq")
 
 Shape = Union[torch.Size, Sequence[int]]
-
-
-def stochastic_round(x: torch.Tensor, grid: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """Index of the level each x rounds to: the upper neighbour with probability (x - lo) / (hi - lo).
-
-    `grid` is ascending (ties allowed), x lies in [grid[0], grid[-1]] and noise is uniform in [0, 1),
-    so E[grid[index]] = x.
-    """
-    lower = torch.searchsorted(grid, x, right=True, out_int32=True).sub_(1).clamp_(0, grid.numel() - 2)
-    lo = grid.index_select(0, lower)
-    width = grid.index_select(0, lower + 1).sub_(lo).clamp_min_(torch.finfo(torch.float32).tiny)
-    return lower.add_(noise < (x - lo).div_(width))
-
-
-def stochastic_round_uniform(scaled: torch.Tensor, intervals: int, noise: torch.Tensor) -> torch.Tensor:
-    """stochastic_round for the grid 0, 1, ..., intervals, by arithmetic: `scaled` lies in [0, intervals]."""
-    lower = scaled.floor().clamp_(0, intervals - 1)
-    return lower.add_(noise < scaled - lower).to(torch.int32)
+MAX_ELEMENTS = (1 << 31) - 1  # element indices are int32 inside the kernels
 
 
 @functools.lru_cache(maxsize=4096)
@@ -54,11 +39,14 @@ def _device_header(scheme_id: int, bits: int, tail_id: int, numel: int, device: 
 
 
 class Quantizer:
-    """Base class: payload framing, rounding noise, non-finite and degenerate input, Compressor API.
+    """Base class: payload framing, rounding-noise streams, validation, Horovod's Compressor API.
 
-    Subclasses set `scheme`, `scheme_id`, `min_bits` and implement `_side_info_count`,
-    `_quantize` (float32 1-D input without NaN/Inf -> codes and float32 side information) and
-    `_dequantize` (codes and side information -> float32 values).
+    Subclasses set `scheme`, `scheme_id`, `min_bits` and implement `side_info_count`, `_encode`
+    (finite-or-not 1-D float32 -> float32 side information, uint8 codes, non-finite flag) and
+    `_sum` (packed words and side information of W payloads -> float32 sum).
+
+    Rounding noise is keyed by (seed, rank, name, step): `encode(..., name=, step=)` names the
+    stream; without a step, each name counts its own calls. `rank` is set by the exchange.
     """
 
     scheme = "base"
@@ -67,12 +55,15 @@ class Quantizer:
     tail_id = 0
 
     def __init__(self, bits: int = 4, seed: Optional[int] = None) -> None:
-        if not isinstance(bits, int) or not self.min_bits <= bits <= 8:
+        if isinstance(bits, bool) or not isinstance(bits, int) or not self.min_bits <= bits <= 8:
             raise ValueError(f"{type(self).__name__} takes bits from {self.min_bits} to 8, got {bits!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(f"seed must be an int or None, got {seed!r}")
         self.bits = bits
         self.seed = seed
-        self._base_seed = seed if seed is not None else int.from_bytes(os.urandom(7), "little")
-        self._generators: dict[torch.device, torch.Generator] = {}
+        self.rank = 0
+        self._stream_seed = seed if seed is not None else int.from_bytes(os.urandom(8), "little")
+        self._steps: dict[str, int] = {}
         self._warned_nonfinite = False
 
     def __repr__(self) -> str:
@@ -82,89 +73,126 @@ class Quantizer:
         return ""
 
     # ---------------------------------------------------------------- sizes
-    def _side_info_count(self, numel: int) -> int:
+    def side_info_count(self, numel: int) -> int:
+        """float32 values of side information in the payload of a `numel`-element tensor."""
         raise NotImplementedError
 
     def payload_size(self, numel: int) -> int:
         """Bytes of the payload for a tensor of `numel` elements, without encoding it."""
-        return wire.HEADER_BYTES + 4 * self._side_info_count(numel) + packing.packed_size(numel, self.bits)
+        return wire.HEADER_BYTES + 4 * self.side_info_count(numel) + packing.packed_size(numel, self.bits)
 
     # ---------------------------------------------------------------- randomness
-    def reseed(self, seed: int) -> None:
-        """Restart the rounding noise from `seed` on every device."""
-        self.seed = self._base_seed = seed
-        self._generators = {}
+    def for_rank(self, rank: int) -> "Quantizer":
+        """A copy that draws the noise streams of `rank`, with its own step counters."""
+        twin = copy.copy(self)
+        twin.rank, twin._steps = rank, {}
+        return twin
 
-    def _noise(self, numel: int, device: torch.device) -> torch.Tensor:
-        generator = self._generators.get(device)
-        if generator is None:
-            generator = torch.Generator(device=device)
-            generator.manual_seed(self._base_seed)
-            self._generators[device] = generator
-        return torch.rand(numel, generator=generator, device=device)
+    def stream_key(self, name: str = "", step: Optional[int] = None) -> tuple[int, int]:
+        """The noise key for tensor `name` at `step` (the next step of `name` when None)."""
+        if step is None:
+            step = self._steps.get(name, 0)
+        self._steps[name] = step + 1
+        return noise.stream_key(self._stream_seed, self.rank, name, step)
 
     # ---------------------------------------------------------------- scheme hooks
-    def _quantize(self, x: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _encode(self, x: torch.Tensor, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
-    def _dequantize(self, codes: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
+    def _sum(self, words: torch.Tensor, side: torch.Tensor, numel: int) -> torch.Tensor:
         raise NotImplementedError
 
     # ---------------------------------------------------------------- public API
-    def encode(self, tensor: torch.Tensor) -> torch.Tensor:
-        """The 1-D uint8 payload for `tensor`, on its device: exactly the bytes that travel."""
+    def encode(self, tensor: torch.Tensor, *, name: str = "", step: Optional[int] = None) -> torch.Tensor:
+        """The 1-D uint8 payload for `tensor`, on its device: exactly the bytes that travel.
+
+        `name` and `step` pick the rounding-noise stream (see the class docstring).
+        """
         if not torch.is_floating_point(tensor):
             raise TypeError(f"{type(self).__name__}.encode takes floating-point tensors, got {tensor.dtype}")
         x = tensor.detach().reshape(-1).to(torch.float32)
         numel = x.numel()
+        if numel > MAX_ELEMENTS:
+            raise ValueError(f"tensors of more than {MAX_ELEMENTS} elements are not supported, got {numel}")
         header = _device_header(self.scheme_id, self.bits, self.tail_id, numel, x.device).clone()
+        key = self.stream_key(name, step)
         if numel == 0:
-            side = torch.zeros(self._side_info_count(0), dtype=torch.float32, device=x.device)
-            return torch.cat([header, wire.side_info_to_bytes(side)])
-        finite = torch.isfinite(x)
-        x = torch.where(finite, x, torch.zeros_like(x))
-        codes, side = self._quantize(x, self._noise(numel, x.device))
+            return torch.cat([header, torch.zeros(4 * self.side_info_count(0), dtype=torch.uint8, device=x.device)])
+        side, codes, nonfinite = self._encode(x, key)
         # Finite input can still overflow float32 side information (a norm or mean of huge values):
         # that is flagged like NaN/Inf input, and the stored side information stays finite.
         side_finite = torch.isfinite(side)
-        header[6] = (~finite.all() | ~side_finite.all()).to(torch.uint8) * wire.FLAG_NONFINITE
-        side = torch.where(side_finite, side, torch.zeros_like(side))
-        return torch.cat([header, wire.side_info_to_bytes(side), packing.pack(codes, self.bits)])
+        header[wire.FLAGS_OFFSET] = (nonfinite | ~side_finite.all()).to(torch.uint8) * wire.FLAG_NONFINITE
+        side = torch.where(side_finite, side, 0.0)
+        words = kernels.pack_kernel(numel, codes, bits=self.bits)
+        return torch.cat([header, side.view(torch.uint8), words.view(torch.uint8)])
 
-    def decode(self, payload: torch.Tensor, shape: Shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The dequantized tensor of `shape` and `dtype` on the payload's device.
+    def decode_sum(self, payloads: torch.Tensor, shape: Shape) -> torch.Tensor:
+        """The float32 sum of the dequantized tensors in `payloads`, a (W, payload_size) uint8 tensor
+        (one row per sender), as a tensor of `shape` on the payloads' device.
 
-        Raises ValueError when the payload was not made by this scheme and bit width for a tensor
-        of this many elements, or is truncated or corrupted.
+        Validates every row with one host read. Raises ValueError when a row was not made by this
+        scheme and bit width for a tensor of this many elements, or is truncated or corrupted. When a
+        sender's gradient held NaN or Inf, the whole sum is NaN (logged once).
         """
-        if payload.dtype != torch.uint8 or payload.dim() != 1:
-            raise ValueError(f"payload must be a 1-D uint8 tensor, got {payload.dtype} of shape {tuple(payload.shape)}")
+        if payloads.dtype != torch.uint8 or payloads.dim() != 2:
+            raise ValueError(f"payloads must be a 2-D uint8 tensor (senders, bytes), got {payloads.dtype} "
+                             f"of shape {tuple(payloads.shape)}")
         numel = math.prod(shape)
-        head = wire.parse_header(bytes(payload[: wire.HEADER_BYTES].tolist()))
-        if (head.scheme, head.bits, head.tail, head.numel) != (self.scheme_id, self.bits, self.tail_id, numel):
-            raise ValueError(f"payload does not match {self!r} for {numel} elements: it holds "
-                             f"{_describe(head.scheme, head.bits, head.tail)} for {head.numel} elements")
-        if payload.numel() != self.payload_size(numel):
-            raise ValueError(f"payload has {payload.numel()} bytes, expected {self.payload_size(numel)} for "
-                             f"{numel} elements: truncated or padded")
-        side_end = wire.HEADER_BYTES + 4 * self._side_info_count(numel)
-        side = wire.side_info_from_bytes(payload[wire.HEADER_BYTES:side_end])
-        if numel and not bool(torch.isfinite(side).all()):
-            raise ValueError("payload side information is not finite: corrupted payload")
+        senders, size = payloads.shape
+        if size != self.payload_size(numel) or senders == 0:
+            self._raise_invalid(payloads, numel)
+        if payloads.stride(1) != 1 or payloads.stride(0) % 4 or payloads.storage_offset() % 4:
+            payloads = payloads.contiguous().clone()  # sections must be readable as float32 and int32
+        side_end = wire.HEADER_BYTES + 4 * self.side_info_count(numel)
+        side = payloads[:, wire.HEADER_BYTES:side_end].view(torch.float32)
+        expected = _device_header(self.scheme_id, self.bits, self.tail_id, numel, payloads.device)
+        heads = payloads[:, :wire.HEADER_BYTES]
+        mismatch = heads != expected
+        mismatch[:, wire.FLAGS_OFFSET] = heads[:, wire.FLAGS_OFFSET] > wire.FLAG_NONFINITE
+        valid = ~mismatch.any(dim=1) & torch.isfinite(side).all(dim=1)
+        all_valid, flagged = torch.stack([valid.all(), (heads[:, wire.FLAGS_OFFSET] > 0).any()]).tolist()
+        if not all_valid:
+            self._raise_invalid(payloads, numel)
         if numel == 0:
-            return torch.zeros(shape, dtype=dtype, device=payload.device)
-        values = self._dequantize(packing.unpack(payload[side_end:], self.bits, numel), side)
-        if head.flags & wire.FLAG_NONFINITE:
+            return torch.zeros(shape, dtype=torch.float32, device=payloads.device)
+        if flagged:
             if not self._warned_nonfinite:
-                log.warning("%r: gradient held NaN or Inf, or overflowed float32 in its norm or mean; the "
+                log.warning("%r: a gradient held NaN or Inf, or overflowed float32 in its norm or mean; the "
                             "decoded tensor is all NaN so that a loss-scaling optimizer skips the step "
                             "(further occurrences not logged)", self)
                 self._warned_nonfinite = True
-            values = torch.full_like(values, float("nan"))
-        return values.reshape(shape).to(dtype)
+            return torch.full(shape, float("nan"), dtype=torch.float32, device=payloads.device)
+        words = payloads[:, side_end:].view(torch.int32)
+        return self._sum(words, side, numel).view(-1)[:numel].view(shape)
 
-    # Horovod's Compressor interface for a local round trip (the exchange in exchange.py routes the
-    # payload through allgather instead).
+    def decode(self, payload: torch.Tensor, shape: Shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dequantized tensor of `shape` and `dtype` from one payload (see decode_sum)."""
+        if payload.dtype != torch.uint8 or payload.dim() != 1:
+            raise ValueError(f"payload must be a 1-D uint8 tensor, got {payload.dtype} of shape {tuple(payload.shape)}")
+        return self.decode_sum(payload.view(1, -1), shape).to(dtype)
+
+    def _raise_invalid(self, payloads: torch.Tensor, numel: int) -> None:
+        """Say what is wrong with the first invalid row (error path: host reads are fine here)."""
+        if payloads.shape[0] == 0:
+            raise ValueError("no payloads to decode")
+        expected_size = self.payload_size(numel)
+        for row, payload in enumerate(payloads):
+            where = f"payload {row} of {payloads.shape[0]}"
+            head = wire.parse_header(bytes(payload[: wire.HEADER_BYTES].tolist()))
+            if (head.scheme, head.bits, head.tail, head.numel) != (self.scheme_id, self.bits, self.tail_id, numel):
+                raise ValueError(f"{where} does not match {self!r} for {numel} elements: it holds "
+                                 f"{_describe(head.scheme, head.bits, head.tail)} for {head.numel} elements")
+            if payload.numel() != expected_size:
+                raise ValueError(f"{where} has {payload.numel()} bytes, expected {expected_size} for "
+                                 f"{numel} elements: truncated or padded")
+            side_end = wire.HEADER_BYTES + 4 * self.side_info_count(numel)
+            if not bool(torch.isfinite(payload[wire.HEADER_BYTES:side_end].clone().view(torch.float32)).all()):
+                raise ValueError(f"{where}: side information is not finite: corrupted payload")
+        raise AssertionError("payloads were reported invalid but every row checks out")
+
+    # Horovod's Compressor interface for a local round trip (exchange.py routes payloads between
+    # ranks instead).
     def compress(self, tensor: torch.Tensor) -> tuple[torch.Tensor, tuple]:
         """(payload, ctx); non-floating tensors pass through unchanged, as in Horovod's fp16."""
         if not torch.is_floating_point(tensor):
@@ -184,7 +212,7 @@ class Quantizer:
 
 
 class _Truncated(Quantizer):
-    """Shared by the truncated schemes: fit the tail model, choose a, build levels, round."""
+    """Shared by the truncated schemes: fit the tail model, choose a, build the levels, round."""
 
     default_tail = "laplace"
 
@@ -200,119 +228,106 @@ class _Truncated(Quantizer):
     def _repr_extra(self) -> str:
         return f", tail={self.tail.name!r}"
 
-    def _extra_count(self) -> int:
-        return 0
+    def side_info_count(self, numel: int) -> int:
+        return self.s + 1
 
-    def _side_info_count(self, numel: int) -> int:
-        return 1 + self._extra_count() + self.tail.num_params
-
-    def _choose(self, params: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
-        """[a, extras...] in float64 for the fitted params."""
+    def _choose_levels(self, params: torch.Tensor, amax: torch.Tensor, amin: torch.Tensor) -> torch.Tensor:
+        """The s + 1 ascending float32 levels on [-a, a] for the fitted tail parameters and the
+        largest and smallest magnitude."""
         raise NotImplementedError
 
-    def _levels(self, side: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+    def _levels_and_flag(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        amax, amin, total, nonfinite = kernels.abs_stats_kernel(x.numel(), x).unbind()
+        params = self.tail.fit(x, total / x.numel()).double()
+        levels = self._choose_levels(params, amax, amin)
+        return levels, nonfinite > 0
 
-    def _side_info(self, x: torch.Tensor) -> torch.Tensor:
-        """[a, extras..., tail parameters] as float32 for a finite 1-D float32 tensor."""
-        absx = x.abs()
-        amax, amin = absx.max(), absx.min()
-        params = self.tail.fit(absx)
-        choice = self._choose(params.double(), amax.double()).float()
-        # With every magnitude equal (constant or one-element tensors) a = max|g| is exact; a never
-        # exceeds max|g| (the levels' own clamps keep any inner scale c below a), and all-zero input
-        # gives a = 0 and exact zeros.
-        a = torch.where(amax == amin, amax, torch.minimum(choice[0], amax))
-        return torch.cat([a.reshape(1), choice[1:], params.float()])
+    def _encode(self, x: torch.Tensor, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        levels, nonfinite = self._levels_and_flag(x)
+        return levels, kernels.round_to_levels_kernel(x.numel(), x, levels, key, 0), nonfinite
 
-    def _quantize(self, x: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        side = self._side_info(x)
-        return self._round(torch.clamp(x, -side[0], side[0]), side, noise), side
+    def _sum(self, words: torch.Tensor, side: torch.Tensor, numel: int) -> torch.Tensor:
+        return kernels.sum_levels_kernel(numel, words, side, bits=self.bits)
 
-    def _round(self, x: torch.Tensor, side: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        return stochastic_round(x, self._levels(side), noise)
-
-    def _dequantize(self, codes: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
-        return self._levels(side).index_select(0, codes)
+    @staticmethod
+    def _clamp_threshold(a: torch.Tensor, amax: torch.Tensor, amin: torch.Tensor) -> torch.Tensor:
+        """a never exceeds max|g| (beyond it only adds variance); with every magnitude equal (constant
+        or one-element tensors) a = max|g| exactly; all-zero input gives a = 0 and exact zeros."""
+        return torch.where(amax == amin, amax, torch.minimum(a, amax)).float()
 
     def threshold(self, tensor: torch.Tensor) -> float:
         """The truncation threshold a this quantizer picks for a finite, non-empty `tensor`."""
-        return float(self._side_info(tensor.detach().reshape(-1).float())[0])
+        return float(self.levels(tensor)[-1])
 
     def levels(self, tensor: torch.Tensor) -> torch.Tensor:
-        """The s + 1 levels this quantizer picks for a finite, non-empty `tensor`."""
-        return self._levels(self._side_info(tensor.detach().reshape(-1).float()))
+        """The 2^bits levels this quantizer picks for a finite, non-empty `tensor`."""
+        return self._levels_and_flag(tensor.detach().reshape(-1).float())[0]
 
 
 class TUQSGD(_Truncated):
-    """Truncated uniform quantization: s + 1 equally spaced levels on [-a, a].
-
-    Side information: [a, tail parameters].
-    """
+    """Truncated uniform quantization: 2^bits equally spaced levels on [-a, a]."""
 
     scheme = "tuqsgd"
     scheme_id = 1
 
-    def _choose(self, params: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
-        return lv.uniform_threshold(self.tail, params, amax, self.s).reshape(1)
-
-    def _levels(self, side: torch.Tensor) -> torch.Tensor:
-        return lv.uniform_levels(side[0], self.s)
-
-    def _round(self, x: torch.Tensor, side: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        a = side[0]
-        per_level = torch.where(a > 0, self.s / (2 * a), torch.zeros_like(a))
-        return stochastic_round_uniform((x + a).mul_(per_level), self.s, noise)
+    def _choose_levels(self, params, amax, amin):
+        if self.tail is Laplace:
+            a = lv.laplace_uniform_threshold(params[0], self.s)
+        else:
+            a = lv.uniform_threshold(self.tail, params, amax, self.s)
+        return lv.uniform_levels(self._clamp_threshold(a, amax, amin), self.s)
 
 
 class TNQSGD(_Truncated):
-    """Truncated non-uniform quantization: level density proportional to p^(1/3) on [-a, a].
-
-    Side information: [a, tail parameters].
-    """
+    """Truncated non-uniform quantization: level density proportional to p^(1/3) on [-a, a]."""
 
     scheme = "tnqsgd"
     scheme_id = 2
 
-    def _choose(self, params: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
-        return lv.nonuniform_threshold(self.tail, params, amax, self.s).reshape(1)
-
-    def _levels(self, side: torch.Tensor) -> torch.Tensor:
-        return lv.nonuniform_levels(self.tail, side[1:], side[0], self.s)
+    def _choose_levels(self, params, amax, amin):
+        if self.tail is Laplace:
+            a = lv.laplace_nonuniform_threshold(params[0], self.s)
+        else:
+            a = lv.nonuniform_threshold(self.tail, params, amax, self.s)
+        a = self._clamp_threshold(a, amax, amin)
+        return lv.nonuniform_levels(self.tail, params.float(), a, self.s).float()
 
 
 class TBQSGD(_Truncated):
-    """Truncated bi-scaled quantization: a fine uniform grid on [-c, c], a coarse one out to a.
-
-    Side information: [a, c, s1, tail parameters]; s1 fine intervals, s - s1 coarse ones.
-    """
+    """Truncated bi-scaled quantization: a fine uniform grid on [-c, c], a coarse one out to a."""
 
     scheme = "tbqsgd"
     scheme_id = 3
     min_bits = 2
 
-    def _extra_count(self) -> int:
-        return 2
+    def _choose_levels(self, params, amax, amin):
+        a, c, s1 = lv.biscaled_threshold(self.tail, params, amax, self.s).unbind()
+        a = self._clamp_threshold(a, amax, amin)
+        return lv.biscaled_levels(a, torch.minimum(c.float(), a), s1.float(), self.s)
 
-    def _choose(self, params: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
-        return lv.biscaled_threshold(self.tail, params, amax, self.s)
 
-    def _levels(self, side: torch.Tensor) -> torch.Tensor:
-        a = side[0]
-        return lv.biscaled_levels(a, torch.minimum(side[1], a), side[2], self.s)
+@functools.lru_cache(maxsize=64)
+def _magnitudes(scheme: str, count: int, device: torch.device) -> torch.Tensor:
+    """The fixed magnitude levels in [0, 1] of QSGD (uniform) and NQSGD (powers of two)."""
+    if scheme == "qsgd":
+        return torch.linspace(0, 1, count, device=device)
+    exponents = torch.arange(count - 2, -1, -1, device=device, dtype=torch.float32)
+    return torch.cat([torch.zeros(1, device=device), torch.exp2(-exponents)])
 
 
 class _NormScaled(Quantizer):
     """Shared by QSGD and NQSGD: |g| / ||bucket||_2 rounded to magnitude levels in [0, 1], sign bit.
 
-    Code = sign << (bits - 1) | magnitude index. Side information: one float32 norm per bucket.
+    Code = sign << (bits - 1) | magnitude index. Side information: one float32 norm per bucket
+    (the whole tensor when bucket_size is None; a bucket never exceeds the tensor).
     """
 
     min_bits = 2
 
     def __init__(self, bits: int = 4, bucket_size: Optional[int] = None, seed: Optional[int] = None) -> None:
         super().__init__(bits, seed)
-        if bucket_size is not None and (not isinstance(bucket_size, int) or bucket_size < 1):
+        if bucket_size is not None and (isinstance(bucket_size, bool) or not isinstance(bucket_size, int)
+                                        or bucket_size < 1):
             raise ValueError(f"bucket_size must be a positive int or None, got {bucket_size!r}")
         self.bucket_size = bucket_size
         self.magnitude_count = 2 ** (bits - 1)
@@ -320,33 +335,30 @@ class _NormScaled(Quantizer):
     def _repr_extra(self) -> str:
         return f", bucket_size={self.bucket_size}" if self.bucket_size else ""
 
-    def _magnitudes(self, device: torch.device) -> torch.Tensor:
-        raise NotImplementedError
-
     def _bucket(self, numel: int) -> int:
-        return self.bucket_size or max(numel, 1)
+        return max(1, min(self.bucket_size or numel, numel))
 
-    def _side_info_count(self, numel: int) -> int:
+    def side_info_count(self, numel: int) -> int:
         return max(1, -(-numel // self._bucket(numel)))
 
-    def _round_magnitude(self, ratio: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        return stochastic_round(ratio, self._magnitudes(ratio.device), noise)
-
-    def _quantize(self, x: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _encode(self, x: torch.Tensor, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         numel, bucket = x.numel(), self._bucket(x.numel())
-        buckets = torch.nn.functional.pad(x, (0, self._side_info_count(numel) * bucket - numel)).view(-1, bucket)
-        norms = buckets.norm(dim=1)
-        inverse = torch.where(norms > 0, 1 / norms, torch.zeros_like(norms))
-        ratio = (buckets.abs() * inverse.unsqueeze(1)).view(-1)[:numel].clamp_(0, 1)
-        index = self._round_magnitude(ratio, noise)
-        return index | ((x < 0).to(index.dtype) << (self.bits - 1)), norms
+        whole = numel // bucket * bucket
+        rows, rest = x[:whole].view(-1, bucket), x[whole:].view(1, -1)
+        norms = kernels.bucket_norms_kernel(numel, rows)
+        if rest.numel():
+            norms = torch.cat([norms, kernels.bucket_norms(rest)])
+        inverse = torch.where((norms > 0) & torch.isfinite(norms), 1 / norms, 0.0)
+        magnitudes = _magnitudes(self.scheme, self.magnitude_count, x.device)
+        codes = kernels.round_scaled_kernel(numel, rows, inverse[: rows.shape[0]], magnitudes, key, 0, bits=self.bits)
+        if rest.numel():
+            codes = torch.cat([codes, kernels.round_scaled(rest, inverse[rows.shape[0]:], magnitudes, key, whole,
+                                                           bits=self.bits)])
+        return norms, codes, torch.zeros((), dtype=torch.bool, device=x.device)
 
-    def _dequantize(self, codes: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
-        numel, bucket = codes.numel(), self._bucket(codes.numel())
-        magnitude = self._magnitudes(codes.device).index_select(0, codes & (self.magnitude_count - 1))
-        values = torch.where(codes >> (self.bits - 1) > 0, -magnitude, magnitude)
-        padded = torch.nn.functional.pad(values, (0, side.numel() * bucket - numel)).view(-1, bucket)
-        return (padded * side.unsqueeze(1)).view(-1)[:numel]
+    def _sum(self, words: torch.Tensor, side: torch.Tensor, numel: int) -> torch.Tensor:
+        magnitudes = _magnitudes(self.scheme, self.magnitude_count, words.device)
+        return kernels.sum_scaled_kernel(numel, words, side, magnitudes, bucket=self._bucket(numel), bits=self.bits)
 
 
 class QSGD(_NormScaled):
@@ -355,24 +367,12 @@ class QSGD(_NormScaled):
     scheme = "qsgd"
     scheme_id = 4
 
-    def _magnitudes(self, device: torch.device) -> torch.Tensor:
-        return torch.linspace(0, 1, self.magnitude_count, device=device)
-
-    def _round_magnitude(self, ratio: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        intervals = self.magnitude_count - 1
-        return stochastic_round_uniform(ratio * intervals, intervals, noise)
-
 
 class NQSGD(_NormScaled):
     """NUQSGD (Ramezani-Kebrya et al.): magnitude levels {0, 2^-(k-1), ..., 1/2, 1}."""
 
     scheme = "nqsgd"
     scheme_id = 5
-
-    def _magnitudes(self, device: torch.device) -> torch.Tensor:
-        k = self.magnitude_count - 1
-        exponents = torch.arange(k - 1, -1, -1, device=device, dtype=torch.float32)
-        return torch.cat([torch.zeros(1, device=device), torch.exp2(-exponents)])
 
 
 SCHEMES = {cls.scheme: cls for cls in (TUQSGD, TNQSGD, TBQSGD, QSGD, NQSGD)}

@@ -1,6 +1,6 @@
 """Models of the magnitude distribution of gradient coordinates (design note §3 and §4).
 
-A model is fitted per tensor from |g| and answers, in closed form, the integrals the threshold
+A model is fitted per tensor (from the tensor and its mean magnitude) and answers, in closed form, the integrals the threshold
 objectives need. Everything is a torch tensor on the gradient's device: fitting and solving never
 copy a value to the host. Parameters travel as float32 side information, so `params` is a 1-D
 float32 tensor whose layout each model defines.
@@ -17,9 +17,10 @@ FIT_SAMPLE = 1 << 16
 _TINY = 1e-30
 
 
-def _sample(absx: torch.Tensor) -> torch.Tensor:
-    step = max(1, absx.numel() // FIT_SAMPLE)
-    return absx[::step]
+def _sample_magnitudes(x: torch.Tensor) -> torch.Tensor:
+    """|x| at FIT_SAMPLE evenly strided positions at most, NaN and Inf read as 0."""
+    sample = x[:: max(1, x.numel() // FIT_SAMPLE)].abs()
+    return torch.where(torch.isfinite(sample), sample, 0.0)
 
 
 class Laplace:
@@ -30,8 +31,8 @@ class Laplace:
     num_params = 1
 
     @staticmethod
-    def fit(absx: torch.Tensor) -> torch.Tensor:
-        return absx.mean().clamp_min(_TINY).reshape(1)
+    def fit(x: torch.Tensor, mean_abs: torch.Tensor) -> torch.Tensor:
+        return mean_abs.clamp_min(_TINY).reshape(1)
 
     @staticmethod
     def mass(params: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -72,8 +73,8 @@ class PowerLaw:
     RHO_MAX = 50.0
 
     @classmethod
-    def fit(cls, absx: torch.Tensor) -> torch.Tensor:
-        sample = _sample(absx)
+    def fit(cls, x: torch.Tensor, mean_abs: torch.Tensor) -> torch.Tensor:
+        sample = _sample_magnitudes(x)
         k = max(1, min(sample.numel(), math.ceil(cls.quantile * sample.numel())))
         g0 = sample.kthvalue(k).values.clamp_min(_TINY)
         above = sample > g0

@@ -1,31 +1,35 @@
-"""The payload format: exactly the bytes that travel for one tensor.
+"""The payload format, version 2: exactly the bytes that travel for one tensor.
 
-    offset  size  field
-    0       2     magic b"TQ"
-    2       1     format version (FORMAT_VERSION)
-    3       1     scheme id (see quantizers.SCHEMES)
-    4       1     bits per code
-    5       1     tail model id (0 = none, 1 = laplace, 2 = powerlaw)
-    6       1     flags: bit 0 set when the input held NaN or Inf
-    7       1     reserved, 0
-    8       8     element count, int64 little-endian
-    16      4*k   side information, k float32 values (k fixed by scheme and element count)
-    16+4k   ...   packed codes, ceil(n * bits / 8) bytes (packing.py)
+    offset    size   field
+    0         2      magic b"TQ"
+    2         1      format version (FORMAT_VERSION)
+    3         1      scheme id (see quantizers.SCHEMES)
+    4         1      bits per code
+    5         1      tail model id the sender fitted (0 = none, 1 = laplace, 2 = powerlaw)
+    6         1      flags: bit 0 set when the input held NaN or Inf, or overflowed float32
+    7         1      reserved, 0
+    8         8      element count n, int64 little-endian
+    16        4*k    side information, k float32 values:
+                       truncated schemes: the 2^bits levels themselves, ascending (k = 2^bits)
+                       QSGD, NQSGD: one L2 norm per bucket (k = number of buckets)
+    16+4k     4*w    codes, w = bits * ceil(n / 32) int32 words (packing.py)
 
-The size depends only on (scheme, bits, element count), so every rank sends the same number of
-bytes for a given tensor. Code bits carry no checksum: every bit pattern decodes to a valid level,
-and transport integrity is the collective library's job.
+Every section starts at a multiple of 4 bytes, so side information and codes are read in place as
+float32 and int32. The size depends only on (scheme, bits, bucket size, n), so every rank sends the
+same number of bytes for a given tensor. Decoding is a table lookup: the levels travel, so every
+rank and every kind of hardware reconstructs the same values without refitting a tail model. Code
+bits carry no checksum: every bit pattern decodes to a valid level, and transport integrity is the
+collective library's job.
 """
 from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
 
-import torch
-
 MAGIC = b"TQ"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 HEADER_BYTES = 16
+FLAGS_OFFSET = 6
 FLAG_NONFINITE = 1
 _STRUCT = struct.Struct("<2sBBBBBBq")
 
@@ -56,13 +60,3 @@ def parse_header(raw: bytes) -> Header:
     if reserved != 0 or flags & ~FLAG_NONFINITE or numel < 0:
         raise ValueError("corrupted payload header")
     return Header(scheme, bits, tail, flags, numel)
-
-
-def side_info_to_bytes(values: torch.Tensor) -> torch.Tensor:
-    """float32 side information as uint8, on the tensor's device."""
-    return values.to(torch.float32).contiguous().view(torch.uint8)
-
-
-def side_info_from_bytes(raw: torch.Tensor) -> torch.Tensor:
-    """uint8 bytes back to float32 (copied: a slice of a payload need not be 4-byte aligned)."""
-    return raw.clone().view(torch.float32)

@@ -1,0 +1,61 @@
+"""The compiled passes (torch.compile, inductor's C++ on this machine) compute what the eager ones do,
+and a machine where compilation fails falls back to the eager path with a warning."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import horovod_truncq as htq
+from horovod_truncq import kernels
+
+NUMEL = 3 * kernels.COMPILE_MIN_ELEMENTS + 17  # compiled, and not a whole number of 32-code blocks
+
+CASES = [
+    (htq.TUQSGD, dict(bits=1)),
+    (htq.TNQSGD, dict(bits=3)),
+    (htq.TNQSGD, dict(bits=8, tail="powerlaw")),
+    (htq.TBQSGD, dict(bits=2)),
+    (htq.QSGD, dict(bits=4, bucket_size=500)),
+    (htq.NQSGD, dict(bits=3)),
+]
+
+
+def heavy_tailed(n: int, seed: int) -> torch.Tensor:
+    torch.manual_seed(seed)
+    return torch.distributions.StudentT(3.0).sample((n,))
+
+
+@pytest.mark.parametrize("cls, kwargs", CASES, ids=lambda c: getattr(c, "__name__", None) or str(c))
+def test_compiled_equals_eager(cls, kwargs, monkeypatch):
+    q = cls(seed=3, **kwargs)
+    grads = [heavy_tailed(NUMEL, seed) for seed in range(3)]
+    monkeypatch.setenv(kernels.COMPILE_ENV, "0")
+    eager = torch.stack([q.encode(g, name="w", step=s) for s, g in enumerate(grads)])
+    eager_sum = q.decode_sum(eager, (NUMEL,))
+    monkeypatch.setenv(kernels.COMPILE_ENV, "1")
+    compiled = torch.stack([q.encode(g, name="w", step=s) for s, g in enumerate(grads)])
+    assert not kernels._compile_failed
+    assert torch.equal(compiled, eager)
+    torch.testing.assert_close(q.decode_sum(compiled, (NUMEL,)), eager_sum, rtol=1e-6, atol=1e-6)
+
+
+def test_failed_compilation_falls_back_to_eager(tmp_path):
+    script = (
+        "import torch, horovod_truncq as htq\n"
+        "from horovod_truncq import kernels\n"
+        f"x = torch.randn({NUMEL}, generator=torch.Generator().manual_seed(0))\n"
+        "q = htq.TNQSGD(bits=3, seed=1)\n"
+        "payload = q.encode(x, name='w')\n"
+        "assert kernels._compile_failed\n"
+        "kernels._compile_failed = False\n"
+        "import os; os.environ[kernels.COMPILE_ENV] = '0'\n"
+        "assert torch.equal(payload, htq.TNQSGD(bits=3, seed=1).encode(x, name='w'))\n"
+        "print('same payload')\n")
+    env = dict(os.environ, **{kernels.COMPILE_ENV: "1", "CXX": "/bin/false", "CC": "/bin/false",
+                              "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")})
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "same payload" in done.stdout
+    assert "torch.compile failed" in done.stderr and "runs eagerly from now on" in done.stderr
