@@ -1,49 +1,29 @@
-"""Codec benchmark: error, bytes and speed of every scheme, tail and bit width, in one table.
+"""Codec speed: encode and decode_sum of every scheme and bit width against a plain memory copy.
 
-    .venv/bin/python examples/bench_codec.py [--device cuda] [--elements 1048576]
+    .venv/bin/python examples/bench_codec.py                       # CPU, one thread, 1 M and 16 M elements
+    .venv/bin/python examples/bench_codec.py --device cuda --elements 100000000
 
-Columns:
-- laplace, student-t: mean squared error on 2^20 samples of Laplace(0, 1) and Student-t (3 dof).
-- real: relative error sum((q(g) - g)^2) / sum(g^2), averaged over the gradients (>= 1024 elements)
-  of the example CNN captured at steps 1, 50 and 100 of single-process SGD on Fashion-MNIST.
-- bytes/elem: payload bytes per element for a 2^20-element tensor (header and side information included).
-- encode, decode: time per call as a multiple of a plain copy of the same float32 tensor into a
-  preallocated buffer, both measured in this run (median of repeats, interleaved), so machine noise
-  cancels. The first row is Horovod's fp16 compressor (a cast to float16 and back) for scale.
+Every row times, interleaved in one run so that machine noise hits all alike:
+- copy: a copy of the float32 tensor into a preallocated buffer (8 bytes per element moved);
+- encode: q.encode(x), statistics, levels, rounding and packing included;
+- decode_sum: q.decode_sum of `--senders` payloads (default 8) into one float32 sum.
+
+Columns: each as a multiple of the copy, in nanoseconds per element, and as the fraction of the
+memory roofline (encode moves 4 + b/8 bytes per element, decode_sum W b/8 + 4, at the copy's
+bandwidth). "first call" is the first encode plus the first decode_sum (compilation included when
+the compiled passes run). The rounding noise of the payloads is independent per sender.
 """
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import horovod_truncq as htq  # noqa: E402
+import horovod_truncq as htq
 
-CONFIGS = ([(cls, tail, {}) for cls in (htq.TUQSGD, htq.TNQSGD, htq.TBQSGD) for tail in ("laplace", "powerlaw")]
-           + [(htq.QSGD, None, {}), (htq.QSGD, None, {"bucket_size": 512}), (htq.NQSGD, None, {})])
-
-
-def capture_gradients(steps=(1, 50, 100)) -> list[torch.Tensor]:
-    """Gradients of the example CNN during plain SGD on Fashion-MNIST (no Horovod needed)."""
-    from train_mnist import load_data, make_model
-    _, (train_x, train_y, _, _) = load_data(argparse.Namespace(data="auto", data_dir=None))
-    torch.manual_seed(0)
-    model = make_model("cnn")
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    grads = []
-    for step in range(1, max(steps) + 1):
-        index = torch.randint(len(train_x), (32,))
-        optimizer.zero_grad()
-        torch.nn.functional.cross_entropy(model(train_x[index]), train_y[index]).backward()
-        if step in steps:
-            grads += [p.grad.detach().clone().reshape(-1) for p in model.parameters() if p.numel() >= 1024]
-        optimizer.step()
-    return grads
+SCHEMES = [(htq.TUQSGD, {}), (htq.TNQSGD, {}), (htq.TBQSGD, {}), (htq.QSGD, {"bucket_size": 512}), (htq.NQSGD, {})]
 
 
 def timed(fn, device: torch.device) -> float:
@@ -56,61 +36,49 @@ def timed(fn, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def speed_ratios(encode, decode, x: torch.Tensor, repeats: int) -> tuple[float, float]:
-    buffer = torch.empty_like(x)
-    payload = encode(x)  # warm-up
-    decode(payload)
-    copy, enc, dec = [], [], []
+def row(q: htq.Quantizer, x: torch.Tensor, senders: int, repeats: int) -> dict[str, float]:
+    numel, buffer = x.numel(), torch.empty_like(x)
+    first = timed(lambda: q.decode_sum(torch.stack([q.encode(x, name="w")] * 2), (numel,)), x.device)
+    payloads = torch.stack([q.for_rank(rank).encode(x, name="w") for rank in range(senders)])
+    copy, encode, decode = [], [], []
     for _ in range(repeats):
         copy.append(timed(lambda: buffer.copy_(x), x.device))
-        enc.append(timed(lambda: encode(x), x.device))
-        dec.append(timed(lambda: decode(payload), x.device))
-    base = statistics.median(copy)
-    return statistics.median(enc) / base, statistics.median(dec) / base
-
-
-def mse(q, x: torch.Tensor) -> float:
-    return ((q.decode(q.encode(x), x.shape) - x) ** 2).mean().item()
-
-
-def relative_error(q, grads: list[torch.Tensor]) -> float:
-    return statistics.mean(((q.decode(q.encode(g), g.shape) - g) ** 2).sum().item() / (g ** 2).sum().item()
-                           for g in grads)
+        encode.append(timed(lambda: q.encode(x, name="w"), x.device))
+        decode.append(timed(lambda: q.decode_sum(payloads, (numel,)), x.device))
+    base, enc, dec = (statistics.median(t) for t in (copy, encode, decode))
+    return {"first": first, "copy": base, "enc": enc, "dec": dec,
+            "enc_roof": (4 + q.bits / 8) / 8 * base / enc, "dec_roof": (senders * q.bits / 8 + 4) / 8 * base / dec}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--elements", type=int, default=1 << 20)
-    parser.add_argument("--bits", default="2,3,4,8")
+    parser.add_argument("--elements", default=f"{1 << 20},{1 << 24}", help="comma-separated tensor sizes")
+    parser.add_argument("--bits", default="1,2,3,4,8")
+    parser.add_argument("--senders", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads on the CPU")
     args = parser.parse_args()
     device = torch.device(args.device)
-    torch.manual_seed(0)
-    laplace = torch.distributions.Laplace(0.0, 1.0).sample((args.elements,)).to(device)
-    student = torch.distributions.StudentT(3.0).sample((args.elements,)).to(device)
-    grads = [g.to(device) for g in capture_gradients()]
-    print(f"device {device}, {args.elements} elements, {len(grads)} real gradient tensors "
-          f"({sum(g.numel() for g in grads)} elements), torch {torch.__version__}")
-    print(f"| scheme | tail | bits | laplace MSE | student-t MSE | real rel. error | bytes/elem | encode / copy | decode / copy |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    enc, dec = speed_ratios(lambda t: t.half(), lambda h: h.float(), laplace, args.repeats)
-    half = lambda t: t.half().float()  # noqa: E731
-    print(f"| fp16 (Horovod) | - | 16 | {((half(laplace) - laplace) ** 2).mean():.3g} | "
-          f"{((half(student) - student) ** 2).mean():.3g} | "
-          f"{statistics.mean(((half(g) - g) ** 2).sum().item() / (g ** 2).sum().item() for g in grads):.3g} | "
-          f"2.0000 | {enc:.3g} | {dec:.3g} |", flush=True)
-    for bits in (int(b) for b in args.bits.split(",")):
-        for cls, tail, extra in CONFIGS:
-            kwargs = dict(extra, bits=bits, seed=0)
-            if tail:
-                kwargs["tail"] = tail
-            q = cls(**kwargs)
-            enc, dec = speed_ratios(q.encode, lambda p: q.decode(p, laplace.shape), laplace, args.repeats)
-            name = cls.__name__ + (f" (bucket {extra['bucket_size']})" if extra else "")
-            print(f"| {name} | {tail or '-'} | {bits} | {mse(q, laplace):.4g} | {mse(q, student):.4g} | "
-                  f"{relative_error(q, grads):.4g} | {q.payload_size(args.elements) / args.elements:.4f} | "
-                  f"{enc:.3g} | {dec:.3g} |", flush=True)
+    torch.set_num_threads(args.threads)
+    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{args.threads} thread(s)'}), "
+          f"torch {torch.__version__}, {args.senders} senders, median of {args.repeats}, Laplace(0, 1) data")
+    print("| elements | scheme | bits | encode / copy | decode_sum / copy | encode ns/elem | decode_sum ns/elem "
+          "| encode roofline | decode_sum roofline | first call s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for numel in (int(n) for n in args.elements.split(",")):
+        torch.manual_seed(0)
+        x = torch.distributions.Laplace(0.0, 1.0).sample((numel,)).to(device)
+        for bits in (int(b) for b in args.bits.split(",")):
+            for cls, extra in SCHEMES:
+                if bits < cls.min_bits:
+                    continue
+                q = cls(bits=bits, seed=0, **extra)
+                r = row(q, x, args.senders, args.repeats)
+                name = cls.__name__ + (f" (bucket {extra['bucket_size']})" if extra else "")
+                print(f"| {numel:,} | {name} | {bits} | {r['enc'] / r['copy']:.2f} | {r['dec'] / r['copy']:.2f} | "
+                      f"{r['enc'] / numel * 1e9:.2f} | {r['dec'] / numel * 1e9:.2f} | {r['enc_roof']:.0%} | "
+                      f"{r['dec_roof']:.0%} | {r['first']:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

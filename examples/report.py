@@ -47,17 +47,17 @@ def sort_key(key: tuple[str, object]) -> tuple[int, int]:
 def table(groups) -> list[str]:
     first = next(iter(groups.values()))[0]["evaluations"][0]["step"]
     lines = [f"| compressor | tail | bits/coord | seeds | accuracy % at step {first} | final test accuracy % "
-             f"(mean ± std) | bytes/step/worker | vs fp32 |",
+             f"(mean ± std) | bytes received/step/worker | vs fp32 |",
              "|---|---|---|---|---|---|---|---|"]
     for key in sorted(groups, key=sort_key):
         records = groups[key]
         mean, std = summary(records)
         early, early_std = summary(records, 0)
-        sent = statistics.mean(r["bytes_per_step"]["total"] for r in records)
+        received = statistics.mean(r["bytes_per_step"]["received"] for r in records)
         reference = records[0]["bytes_per_step"]["fp32_reference"]
         bits = {"none": 32, "fp16": 16}.get(key[0], key[1])
         lines.append(f"| {key[0]} | {records[0]['config'].get('tail') or '-'} | {bits} | {len(records)} | "
-                     f"{early:.2f} ± {early_std:.2f} | {mean:.2f} ± {std:.2f} | {sent:,.0f} | {sent / reference:.3f} |")
+                     f"{early:.2f} ± {early_std:.2f} | {mean:.2f} ± {std:.2f} | {received:,.0f} | {received / reference:.3f} |")
     return lines
 
 
@@ -157,8 +157,9 @@ def main() -> None:
         f"{config['batch_size']} per worker, each worker on its own shard. The final accuracy is on the whole "
         f"test set (10,000 images); the intermediate evaluations (the curves, and the first-evaluation column) "
         f"use the first {config['test_size']}. "
-        f"Bytes per step are what one worker contributes to the collectives (payloads, 4-byte placeholders "
-        f"and the tensors under 1024 elements sent in fp32), next to an fp32 allreduce's 4 bytes per element. "
+        f"Bytes per step are what one worker receives from the network in all collectives (payloads, 4-byte "
+        f"placeholders and the tensors under 1024 elements sent in fp32; a worker sends as much), next to "
+        f"Horovod's fp32 ring allreduce, 2·4·(W-1)/W bytes per element. "
         f"Training time of all runs together: {seconds / 60:.0f} minutes.",
         "",
         "Produced by:",

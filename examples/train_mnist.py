@@ -33,6 +33,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--bits", default="3", help="comma list of bits per coordinate (ignored by none, fp16)")
     p.add_argument("--tail", default=None, choices=["laplace", "powerlaw"], help="tail model (default: the scheme's)")
     p.add_argument("--bucket-size", type=int, default=None, help="QSGD/NQSGD bucket size (default: whole tensor)")
+    p.add_argument("--exchange", default="two-phase", choices=["two-phase", "allgather"],
+                   help="how quantized gradients move between ranks")
     p.add_argument("--model", default="cnn", choices=["cnn", "mlp"])
     p.add_argument("--steps", type=int, default=300, help="optimizer steps per run")
     p.add_argument("--epochs", type=float, default=None, help="train this many epochs of each shard instead of --steps")
@@ -123,17 +125,20 @@ def train(args, data_name: str, data, compressor: str, bits: int, seed: int) -> 
     torch.manual_seed(seed)  # same initial model on every rank
     model = make_model(args.model)
     compression = make_compression(compressor, bits, args, seed)
+    quantized = isinstance(compression, htq.Quantizer)
     optimizer = htq.DistributedOptimizer(
         torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay),
-        named_parameters=model.named_parameters(), compression=compression)
+        named_parameters=model.named_parameters(), compression=compression,
+        **({"exchange": args.exchange} if quantized else {}))
     numel = sum(p.numel() for p in model.parameters())
     sampler = torch.Generator().manual_seed(seed * 1000 + rank)
     label = compressor if compressor in ("none", "fp16") else f"{compressor} b={bits}"
-    record = {"config": {**vars(args), "compressor": compressor, "bits": None if compressor in ("none", "fp16") else bits,
+    record = {"config": {**vars(args), "compressor": compressor, "bits": bits if quantized else None,
+                         "exchange": args.exchange if quantized else None,
                          "tail": getattr(getattr(compression, "tail", None), "name", None), "seed": seed,
                          "workers": size, "data": data_name, "steps": steps, "parameters": numel},
               "evaluations": []}
-    traffic_total = htq.Traffic()
+    traffic = htq.Traffic()
     start = time.perf_counter()
     for step in range(1, steps + 1):
         index = shard[torch.randint(len(shard), (args.batch_size,), generator=sampler)]
@@ -141,10 +146,8 @@ def train(args, data_name: str, data, compressor: str, bits: int, seed: int) -> 
         loss = F.cross_entropy(model(train_x[index]), train_y[index])
         loss.backward()
         optimizer.step()
-        if optimizer.traffic is not None:
-            taken = optimizer.traffic.take()
-            for key in ("payload", "overhead", "fp32_reference", "tensors"):
-                setattr(traffic_total, key, getattr(traffic_total, key) + getattr(taken, key))
+        if quantized:
+            traffic = traffic + optimizer.traffic.take()
         if rank == 0 and (step % args.eval_every == 0 or step == steps):
             images = len(test_x) if step == steps else args.test_size
             accuracy, test_loss = evaluate(model, test_x[:images], test_y[:images])
@@ -152,12 +155,13 @@ def train(args, data_name: str, data, compressor: str, bits: int, seed: int) -> 
                                           "train_loss": loss.item(), "seconds": time.perf_counter() - start})
             print(f"[{label} seed={seed}] step {step}/{steps}  train loss {loss.item():.4f}  "
                   f"test accuracy {accuracy:.4f}  {time.perf_counter() - start:.1f}s", flush=True)
-    if compressor in ("none", "fp16"):
-        sent = numel * (2 if compressor == "fp16" else 4)
-        bytes_per_step = {"payload": sent, "overhead": 0, "total": sent, "fp32_reference": 4 * numel}
-    else:
-        bytes_per_step = {"payload": traffic_total.payload / steps, "overhead": traffic_total.overhead / steps,
-                          "total": traffic_total.total / steps, "fp32_reference": traffic_total.fp32_reference / steps}
+    fp32 = htq.traffic.ring_allreduce_bytes(4 * numel, size)
+    if quantized:
+        bytes_per_step = {"sent": traffic.sent / steps, "received": traffic.received / steps,
+                          "fp32_reference": traffic.fp32_reference / steps}
+    else:  # Horovod's ring allreduce of every gradient, in float32 or float16
+        moved = fp32 // 2 if compressor == "fp16" else fp32
+        bytes_per_step = {"sent": moved, "received": moved, "fp32_reference": fp32}
     record.update(final_accuracy=record["evaluations"][-1]["accuracy"] if rank == 0 else None,
                   bytes_per_step=bytes_per_step, wall_seconds=time.perf_counter() - start)
     return record
@@ -186,7 +190,7 @@ def main() -> None:
             path = out_dir / f"{tag}-s{seed}.json"
             path.write_text(json.dumps(record, indent=1))
             print(f"[{tag} seed={seed}] final test accuracy {record['final_accuracy']:.4f}, "
-                  f"{record['bytes_per_step']['total']:.0f} bytes/step per worker "
+                  f"{record['bytes_per_step']['received']:.0f} bytes/step received per worker "
                   f"(fp32: {record['bytes_per_step']['fp32_reference']:.0f}), record: {path}", flush=True)
     hvd.shutdown()
 

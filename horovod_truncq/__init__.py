@@ -7,6 +7,7 @@
 """
 from .packing import pack, packed_size, unpack
 from .quantizers import NQSGD, QSGD, SCHEMES, TBQSGD, TNQSGD, TUQSGD, Quantizer
+from .traffic import Traffic, TrafficCounter
 
 
 def __getattr__(name: str):
@@ -14,16 +15,16 @@ def __getattr__(name: str):
     if name == "DistributedOptimizer":
         from .optimizer import DistributedOptimizer
         return DistributedOptimizer
-    if name in ("ExchangeCompressor", "Traffic", "TrafficCounter"):
-        from . import compressor
-        return getattr(compressor, name)
-    if name == "AllgatherExchange":
-        from .exchange import AllgatherExchange
-        return AllgatherExchange
+    if name == "ExchangeCompressor":
+        from .compressor import ExchangeCompressor
+        return ExchangeCompressor
+    if name in ("AllgatherExchange", "TwoPhaseExchange"):
+        from . import exchange
+        return getattr(exchange, name)
     raise AttributeError(f"module 'horovod_truncq' has no attribute {name!r}")
 
 __version__ = "0.1.0"
 
 __all__ = ["TUQSGD", "TNQSGD", "TBQSGD", "QSGD", "NQSGD", "Quantizer", "SCHEMES", "DistributedOptimizer",
-           "ExchangeCompressor", "AllgatherExchange", "Traffic", "TrafficCounter",
+           "ExchangeCompressor", "AllgatherExchange", "TwoPhaseExchange", "Traffic", "TrafficCounter",
            "pack", "unpack", "packed_size", "__version__"]

@@ -1,64 +1,53 @@
 """Horovod Compressor that carries a quantizer's payloads through an exchange.
 
 Horovod's DistributedOptimizer sums whatever `compress` returns with an allreduce, which cannot carry
-packed codes. So `compress` starts the exchange (exchange.py) of the gradient's payload itself and
-hands Horovod a one-element placeholder; Horovod fuses the placeholders of all tensors into one tiny
-allreduce. `decompress` waits for the exchange and returns the sum or the mean over ranks.
+packed codes. So `compress` hands the gradient to an exchange (exchange.py), which starts its own
+collectives, and gives Horovod a one-element placeholder; Horovod fuses the placeholders of all
+tensors into one tiny allreduce. `decompress` waits for the exchange and returns the sum or the mean
+over ranks.
 
 The placeholder also tells which reduction Horovod applied: it holds (rank in the process set + 1),
 so it comes back as (k + 1) / 2 under Average (whatever gradient_predivide_factor) and k (k + 1) / 2
 under Sum, for k ranks. Any other reduction is refused.
+
+Before the first gradient leaves, the ranks compare their settings (scheme, bits, exchange,
+min_elements, the quantized parameters and their sizes) with one small allgather: a disagreement
+raises the same ValueError on every rank instead of pairing collectives that do not match.
 """
 from __future__ import annotations
 
+import hashlib
+import itertools
 import math
-from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from dataclasses import dataclass
+from typing import Iterable, Optional, Union
 
 import horovod.torch as hvd
 import torch
 
-from .exchange import AllgatherExchange, Exchange, Waiter
+from .exchange import AllgatherExchange, Exchange, TwoPhaseExchange, Waiter
 from .quantizers import Quantizer
+from .traffic import TrafficCounter, ring_allreduce_bytes
 
 DEFAULT_MIN_ELEMENTS = 1024
 PLACEHOLDER_BYTES = 4
+EXCHANGES = {"allgather": AllgatherExchange, "two-phase": TwoPhaseExchange}
+DEFAULT_EXCHANGE = "two-phase"
+_DESCRIPTION_BYTES = 512
+_compressor_ids = itertools.count()
 
 
-@dataclass
-class Traffic:
-    """Bytes this rank contributed to collectives, and what an fp32 allreduce would have taken.
-
-    payload: quantized payloads (header, side information and codes).
-    overhead: placeholder allreduces (4 bytes per quantized tensor) and the tensors sent unquantized.
-    fp32_reference: 4 bytes per element of every gradient, what plain Horovod contributes.
-    """
-
-    payload: int = 0
-    overhead: int = 0
-    fp32_reference: int = 0
-    tensors: int = 0
-
-    @property
-    def total(self) -> int:
-        return self.payload + self.overhead
-
-
-@dataclass
-class TrafficCounter:
-    """Accumulates Traffic; `take()` returns what was counted since the last call (e.g. per step)."""
-
-    current: Traffic = field(default_factory=Traffic)
-
-    def add(self, payload: int, overhead: int, reference: int) -> None:
-        self.current.payload += payload
-        self.current.overhead += overhead
-        self.current.fp32_reference += reference
-        self.current.tensors += 1
-
-    def take(self) -> Traffic:
-        taken, self.current = self.current, Traffic()
-        return taken
+def make_exchange(exchange: Union[str, Exchange, None]) -> Exchange:
+    """An exchange from its name ("allgather", "two-phase"), an instance, or None for the default."""
+    if exchange is None:
+        exchange = DEFAULT_EXCHANGE
+    if isinstance(exchange, str):
+        if exchange not in EXCHANGES:
+            raise ValueError(f"exchange must be one of {sorted(EXCHANGES)} or an Exchange, got {exchange!r}")
+        return EXCHANGES[exchange]()
+    if not all(hasattr(exchange, attr) for attr in ("prepare", "submit", "name")):
+        raise TypeError(f"exchange must be one of {sorted(EXCHANGES)} or an Exchange, got {type(exchange).__name__}")
+    return exchange
 
 
 @dataclass
@@ -81,30 +70,58 @@ class ExchangeCompressor:
         process_set: the optimizer's process set; results are averaged over its size.
         min_elements: tensors with fewer elements (biases, norms) go through Horovod's ordinary fp32
             allreduce: their payload header would cost more than it saves. Default 1024.
-        exchange: how payloads move; default AllgatherExchange().
+        exchange: how payloads move: "two-phase" (default), "allgather", or an Exchange instance
+            such as TwoPhaseExchange(bucket_bytes=..., second_bits=...).
     """
 
     def __init__(self, quantizer: Quantizer, named_parameters: Iterable[tuple[str, torch.nn.Parameter]],
                  process_set: hvd.ProcessSet = hvd.global_process_set,
-                 min_elements: int = DEFAULT_MIN_ELEMENTS, exchange: Optional[Exchange] = None) -> None:
+                 min_elements: int = DEFAULT_MIN_ELEMENTS, exchange: Union[str, Exchange, None] = None) -> None:
         if not isinstance(quantizer, Quantizer):
             raise TypeError(f"quantizer must be a horovod_truncq Quantizer, got {type(quantizer).__name__}")
-        self.parameters = dict(named_parameters)
+        named = list(named_parameters)
+        self.parameters = dict(named)
         if not self.parameters:
             raise ValueError("named_parameters is empty: the compressor needs the (name, parameter) pairs")
-        if min_elements < 0:
-            raise ValueError(f"min_elements must be >= 0, got {min_elements}")
+        if len(self.parameters) != len(named):
+            repeated = sorted({name for name, _ in named if sum(n == name for n, _ in named) > 1})
+            raise ValueError(f"named_parameters repeats the names {repeated}: every parameter needs a name of its own")
+        if isinstance(min_elements, bool) or not isinstance(min_elements, int) or min_elements < 0:
+            raise ValueError(f"min_elements must be an int >= 0, got {min_elements!r}")
         self.quantizer = quantizer.for_rank(hvd.rank())
         self.process_set = process_set
         self.min_elements = min_elements
-        self.exchange = exchange or AllgatherExchange()
+        self.exchange = make_exchange(exchange)
         self.traffic = TrafficCounter()
+        # Gradients usually become ready in the reverse order of registration: buckets follow it.
+        self._quantized = [(name, p.numel()) for name, p in reversed(named)
+                           if p.is_floating_point() and p.numel() >= min_elements]
+        self.exchange.prepare(self._quantized, process_set, self.traffic)
+        self._id = next(_compressor_ids)
+        self._agreed = False
         self._last_name = ""
         self._next_name: dict[str, str] = {}  # learned hook order: the name found after each name
 
     def __repr__(self) -> str:
-        return (f"ExchangeCompressor({self.quantizer!r}, exchange={self.exchange.name}, "
+        return (f"ExchangeCompressor({self.quantizer!r}, exchange={self.exchange!r}, "
                 f"min_elements={self.min_elements}, parameters={len(self.parameters)})")
+
+    def _agree(self) -> None:
+        """Raise the same ValueError on every rank of the process set if their settings differ."""
+        ranks = self.process_set.size()
+        description = f"{self!r} quantized={self._quantized}"
+        digest = torch.tensor(list(hashlib.blake2b(description.encode(), digest_size=16).digest()), dtype=torch.uint8)
+        digests = hvd.allgather(digest.view(1, -1), name=f"truncq.agree.{self._id}", process_set=self.process_set)
+        self._agreed = True
+        if bool((digests == digests[0]).all()):
+            return
+        raw = description.encode()[:_DESCRIPTION_BYTES].ljust(_DESCRIPTION_BYTES)
+        texts = hvd.allgather(torch.tensor(list(raw), dtype=torch.uint8).view(1, -1),
+                              name=f"truncq.agree.{self._id}.describe", process_set=self.process_set)
+        lines = "\n".join(f"  rank {r}: {bytes(row.tolist()).decode(errors='replace').strip()}"
+                          for r, row in zip(range(ranks), texts))
+        raise ValueError(f"horovod_truncq: the ranks of the process set disagree on the compressor settings "
+                         f"(ranks are numbered within the process set):\n{lines}")
 
     def _name_of(self, grad: torch.Tensor) -> str:
         """The parameter whose .grad is `grad`. Hooks fire in the same order every step, so the
@@ -117,8 +134,7 @@ class ExchangeCompressor:
             if name is None:
                 raise ValueError(f"horovod_truncq: a gradient of shape {tuple(grad.shape)} belongs to none of the "
                                  f"{len(self.parameters)} named parameters given to the compressor; pass the same "
-                                 f"named_parameters to the compressor and to DistributedOptimizer (sparse gradients "
-                                 f"with sparse_as_dense=True are not supported)")
+                                 f"named_parameters to the compressor and to DistributedOptimizer")
             self._next_name[self._last_name] = name
         self._last_name = name
         return name
@@ -127,15 +143,18 @@ class ExchangeCompressor:
         if tensor.is_sparse:
             raise ValueError("horovod_truncq does not quantize sparse gradients; use sparse_as_dense=False "
                              "with Horovod's own compression for sparse parameters")
-        reference = 4 * tensor.numel()
+        if not self._agreed:
+            self._agree()
+        ranks = self.process_set.size()
+        if torch.is_floating_point(tensor):
+            self.traffic.add_gradient(tensor.numel(), ranks)
         if not torch.is_floating_point(tensor) or tensor.numel() < self.min_elements:
             sent = tensor.float() if torch.is_floating_point(tensor) else tensor
-            self.traffic.add(payload=0, overhead=sent.numel() * sent.element_size(), reference=reference)
+            self.traffic.add_transfer(ring_allreduce_bytes(sent.numel() * sent.element_size(), ranks))
             return sent, _Context(None, tensor.shape, tensor.dtype, "")
         name = self._name_of(tensor)
-        wait = self.exchange.submit(tensor, self.quantizer, name, self.process_set)
-        sent = self.exchange.sent_bytes(self.quantizer, tensor.numel(), self.process_set.size())
-        self.traffic.add(payload=sent, overhead=PLACEHOLDER_BYTES, reference=reference)
+        wait = self.exchange.submit(tensor, self.quantizer, name)
+        self.traffic.add_transfer(ring_allreduce_bytes(PLACEHOLDER_BYTES, ranks))
         placeholder = torch.full((1,), float(self.process_set.rank() + 1), dtype=torch.float32, device=tensor.device)
         return placeholder, _Context(wait, tensor.shape, tensor.dtype, name)
 

@@ -4,7 +4,9 @@ Encoding a tensor is one statistics pass (`abs_stats` or `bucket_norms`), a few 
 operations that pick the levels (quantizers.py), one fused rounding pass that reads the gradient
 once and writes one uint8 code per element (`round_to_levels`, `round_scaled`) and one packing
 pass (packing.pack_words). Decoding W payloads of a tensor is one fused pass (`sum_levels`,
-`sum_scaled`) that unpacks, looks every code up in its sender's table and sums in float32.
+`sum_scaled`) that unpacks, looks every code up in its sender's table and sums in float32; the
+`dequantize_*` passes keep the W rows apart instead. Every pass works on a batch of rows (chunks of
+one flat gradient, each with its own levels or norms).
 
 Each pass is plain torch: inductor turns it into vectorised C++ on CPU and Triton on CUDA, once per
 bit width (tensor sizes are dynamic: they do not recompile). Set HOROVOD_TRUNCQ_COMPILE=0 to
@@ -36,86 +38,103 @@ _SEARCH_BY_COMPARISON = 16      # tables up to this size: compare with every lev
 # Sums accumulate in float64: rounded to float32, they come out the same whatever the summation
 # order (thread count, compiled or eager), and so do the levels and norms computed from them.
 def abs_stats(x: torch.Tensor) -> torch.Tensor:
-    """float64 [max |x|, min |x|, sum |x|, 1 if any NaN/Inf else 0] of a 1-D float32 tensor, with
-    non-finite elements read as 0."""
+    """float64 (rows, 4): max |x|, min |x|, sum |x| and 1 if any NaN/Inf else 0, for each row of a
+    (rows, n) float32 tensor, with non-finite elements read as 0."""
     finite = torch.isfinite(x)
     magnitude = torch.where(finite, x.abs(), 0.0)
-    return torch.stack([magnitude.max().double(), magnitude.min().double(), magnitude.sum(dtype=torch.float64),
-                        (~finite).any().double()])
+    return torch.stack([magnitude.amax(dim=-1).double(), magnitude.amin(dim=-1).double(),
+                        magnitude.sum(dim=-1, dtype=torch.float64), (~finite).any(dim=-1).double()], dim=-1)
 
 
-def bucket_norms(rows: torch.Tensor) -> torch.Tensor:
-    """float32 L2 norm of each row of a 2-D float32 tensor (inf or NaN where the row is not finite)."""
-    return rows.double().square().sum(dim=1).sqrt().float()
+def bucket_norms(buckets: torch.Tensor) -> torch.Tensor:
+    """float32 L2 norm over the last dimension (inf or NaN where a bucket is not finite)."""
+    return buckets.double().square().sum(dim=-1).sqrt().float()
 
 
 # ---------------------------------------------------------------- rounding
 def _interval(v: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For v within an ascending table: index j of the interval [table[j], table[j+1]] holding v, and
-    both ends. Small tables compare v with every level (no gathers); larger ones binary-search."""
-    last = table.shape[0] - 1
-    if last + 1 <= _SEARCH_BY_COMPARISON:
-        index = torch.zeros(v.shape, dtype=torch.int32, device=v.device)
-        lo, hi = table[0].expand(v.shape), table[1].expand(v.shape)
-        for j in range(1, last):
-            above = v >= table[j]
-            index = index + above.to(torch.int32)
-            lo, hi = torch.where(above, table[j], lo), torch.where(above, table[j + 1], hi)
-        return index, lo, hi
+    both ends. `table` is (L,), shared by all of v, or (rows, L), one per row of v. Small tables
+    compare v with every level (no gathers); larger ones binary-search."""
+    size, rows = table.shape[-1], (table.shape[0] if table.dim() > 1 else 1)
+    if table.dim() > 1:
+        table = table.view(rows, *[1] * (v.dim() - 1), size)
     index = torch.zeros(v.shape, dtype=torch.int32, device=v.device)
-    step = 1 << (last.bit_length() - 1)
+    if size <= _SEARCH_BY_COMPARISON:
+        lo, hi = table[..., 0].expand(v.shape), table[..., 1].expand(v.shape)
+        for j in range(1, size - 1):
+            above = v >= table[..., j]
+            index = index + above.to(torch.int32)
+            lo, hi = torch.where(above, table[..., j], lo), torch.where(above, table[..., j + 1], hi)
+        return index, lo, hi
+    flat = table.reshape(-1)
+    row = torch.arange(rows, dtype=torch.int32, device=v.device).view(-1, *[1] * (v.dim() - 1)) * size if rows > 1 else 0
+    step = 1 << (size - 1).bit_length() - 1
     while step:
-        candidate = (index + step).clamp(max=last - 1)
-        index = torch.where(table[candidate] <= v, candidate, index)
+        candidate = (index + step).clamp(max=size - 2)
+        index = torch.where(flat[candidate + row] <= v, candidate, index)
         step >>= 1
-    return index, table[index], table[index + 1]
+    return index, flat[index + row], flat[index + 1 + row]
 
 
-def _round(v: torch.Tensor, table: torch.Tensor, index: torch.Tensor, key: tuple[int, int]) -> torch.Tensor:
-    """Stochastic rounding of v to `table`: the upper end of its interval with probability
-    (v - lo) / (hi - lo), so E[table[code]] = v. `index` numbers the elements for the noise."""
+def _round(v: torch.Tensor, table: torch.Tensor, key: tuple[int, int], start: int) -> torch.Tensor:
+    """uint8 codes of stochastic rounding of v to `table`: the upper end of its interval with
+    probability (v - lo) / (hi - lo), so E[table[code]] = v. Element i of v (row-major) draws the
+    noise at index start + i."""
     lower, lo, hi = _interval(v, table)
+    index = torch.arange(v.numel(), dtype=torch.int32, device=v.device).view(v.shape) + start
     up = noise.uniform(index, key) < (v - lo) / (hi - lo).clamp_min(_TINY)
     return (lower + up.to(torch.int32)).to(torch.uint8)
 
 
 def round_to_levels(x: torch.Tensor, levels: torch.Tensor, key: tuple[int, int], start: int) -> torch.Tensor:
-    """uint8 codes of a 1-D tensor clamped to [levels[0], levels[-1]]; element i draws noise at
-    index start + i."""
-    index = torch.arange(x.shape[0], dtype=torch.int32, device=x.device) + start
-    return _round(x.clamp(levels[0], levels[-1]), levels, index, key)
+    """uint8 codes of each row of x (rows, n), clamped to [first, last] of its row of levels (rows, L)."""
+    return _round(x.clamp(levels[:, :1], levels[:, -1:]), levels, key, start)
 
 
-def round_scaled(rows: torch.Tensor, inverse_norms: torch.Tensor, magnitudes: torch.Tensor,
+def round_scaled(buckets: torch.Tensor, inverse_norms: torch.Tensor, magnitudes: torch.Tensor,
                  key: tuple[int, int], start: int, bits: int) -> torch.Tensor:
-    """uint8 codes sign << (bits - 1) | magnitude index for |x| / norm of each row (a bucket)."""
-    index = torch.arange(rows.numel(), dtype=torch.int32, device=rows.device).view(rows.shape) + start
-    ratio = (rows.abs() * inverse_norms.unsqueeze(1)).clamp(0, 1)
-    sign = (rows < 0).to(torch.uint8) << (bits - 1)
-    return (_round(ratio, magnitudes, index, key) | sign).view(-1)
+    """uint8 codes sign << (bits - 1) | magnitude index for |x| / norm of each bucket: buckets
+    (..., bucket), inverse_norms (...), magnitudes (L,)."""
+    ratio = (buckets.abs() * inverse_norms.unsqueeze(-1)).clamp(0, 1)
+    sign = (buckets < 0).to(torch.uint8) << (bits - 1)
+    return _round(ratio, magnitudes, key, start) | sign
 
 
 # ---------------------------------------------------------------- decoding
-def sum_levels(words: torch.Tensor, levels: torch.Tensor, bits: int) -> torch.Tensor:
-    """float32 sum over rows of levels[row][code] for every code of the packed rows: words (W, b m)
-    int32, levels (W, L). Returns (32, m) values in packing order, the padding codes included."""
+def dequantize_levels(words: torch.Tensor, levels: torch.Tensor, bits: int) -> torch.Tensor:
+    """float32 levels[row][code] for every code of each row of packed words (rows, b m), levels
+    (rows, L): (rows, 32, m) values in packing order, padding codes included."""
     codes = unpack_words(words, bits)
     offsets = torch.arange(levels.shape[0], dtype=torch.int32, device=words.device).view(-1, 1, 1) * levels.shape[1]
-    return levels.reshape(-1)[codes + offsets].sum(dim=0)
+    return levels.reshape(-1)[codes + offsets]
 
 
-def sum_scaled(words: torch.Tensor, norms: torch.Tensor, magnitudes: torch.Tensor, bucket: int,
-               bits: int) -> torch.Tensor:
-    """float32 sum over rows of ±magnitudes[code] * norm of the code's bucket: norms (W, buckets).
-    Returns (32, m) values in packing order; padding codes have zero magnitude."""
+def sum_levels(words: torch.Tensor, levels: torch.Tensor, bits: int) -> torch.Tensor:
+    """The float32 sum over rows of `dequantize_levels`: (32, m)."""
+    return dequantize_levels(words, levels, bits).sum(dim=0)
+
+
+def dequantize_scaled(words: torch.Tensor, norms: torch.Tensor, magnitudes: torch.Tensor, bucket: int,
+                      bits: int) -> torch.Tensor:
+    """float32 ±magnitudes[code] * norm of the code's bucket for each row of packed words (rows, b m),
+    norms (rows, buckets): (rows, 32, m) in packing order; padding codes have zero magnitude."""
     codes = unpack_words(words, bits)
     magnitude = magnitudes[codes & ((1 << (bits - 1)) - 1)]
     signed = torch.where(codes >> (bits - 1) > 0, -magnitude, magnitude)
     rows, columns = codes.shape[-2:]
     index = torch.arange(rows, dtype=torch.int32, device=words.device).unsqueeze(1) * columns + \
         torch.arange(columns, dtype=torch.int32, device=words.device)
-    bucket_of = (index // bucket).clamp(max=norms.shape[1] - 1)
-    return (signed * norms[:, bucket_of]).sum(dim=0)
+    buckets = norms.shape[1]
+    bucket_of = (index // bucket).clamp(max=buckets - 1) + \
+        torch.arange(norms.shape[0], dtype=torch.int32, device=words.device).view(-1, 1, 1) * buckets
+    return signed * norms.reshape(-1)[bucket_of]
+
+
+def sum_scaled(words: torch.Tensor, norms: torch.Tensor, magnitudes: torch.Tensor, bucket: int,
+               bits: int) -> torch.Tensor:
+    """The float32 sum over rows of `dequantize_scaled`: (32, m)."""
+    return dequantize_scaled(words, norms, magnitudes, bucket, bits).sum(dim=0)
 
 
 # ---------------------------------------------------------------- compile or run eagerly
@@ -170,5 +189,7 @@ bucket_norms_kernel = Kernel(bucket_norms)
 round_to_levels_kernel = Kernel(round_to_levels)
 round_scaled_kernel = Kernel(round_scaled)
 pack_kernel = Kernel(pack_words)
+dequantize_levels_kernel = Kernel(dequantize_levels)
 sum_levels_kernel = Kernel(sum_levels)
+dequantize_scaled_kernel = Kernel(dequantize_scaled)
 sum_scaled_kernel = Kernel(sum_scaled)

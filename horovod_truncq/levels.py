@@ -4,6 +4,8 @@ Each scheme minimises its per-coordinate error E(a) = quantization variance + tr
 under the fitted tail model. The minimum is found by a coarse-to-fine search on a log grid of
 candidate thresholds between a floor and max|g| (a threshold above the largest magnitude only adds
 variance), entirely in tensor operations, so it stays on the gradient's device without a host sync.
+Every function takes batch dimensions in front (one threshold per row of a batch of chunks):
+`params` is (..., k), `amax` and the thresholds are (...), levels are (..., s + 1).
 """
 from __future__ import annotations
 
@@ -28,13 +30,14 @@ def _refine_bounds(grid: torch.Tensor, best: torch.Tensor) -> tuple[torch.Tensor
 
 
 def minimize_threshold(objective: Objective, amax: torch.Tensor) -> torch.Tensor:
-    """argmin of objective(a) over a in [amax * 1e-8, amax], to about 1e-6 relative precision."""
+    """argmin of objective(a) over a in [amax * 1e-8, amax], to about 1e-6 relative precision.
+    `objective` takes candidates of shape (..., GRID_POINTS)."""
     hi = amax.clamp_min(1e-30)
     lo = hi * 10.0 ** -SEARCH_DECADES
     steps = torch.linspace(0, 1, GRID_POINTS, device=amax.device, dtype=amax.dtype)
     for _ in range(GRID_ROUNDS):
-        grid = lo * (hi / lo) ** steps
-        best = torch.nan_to_num(objective(grid), nan=float("inf")).argmin()
+        grid = lo.unsqueeze(-1) * (hi / lo).unsqueeze(-1) ** steps
+        best = torch.nan_to_num(objective(grid), nan=float("inf")).argmin(dim=-1)
         lo, hi = _refine_bounds(grid, best)
     return torch.sqrt(lo * hi)
 
@@ -60,13 +63,15 @@ def laplace_nonuniform_threshold(gamma: torch.Tensor, s: int) -> torch.Tensor:
 
 def uniform_threshold(tail, params: torch.Tensor, amax: torch.Tensor, s: int) -> torch.Tensor:
     """TUQSGD: minimise (a/s)^2 + truncation error (worst-case variance of a uniform grid)."""
-    return minimize_threshold(lambda a: (a / s) ** 2 + tail.truncation_error(params, a), amax)
+    per_candidate = params.unsqueeze(-2)
+    return minimize_threshold(lambda a: (a / s) ** 2 + tail.truncation_error(per_candidate, a), amax)
 
 
 def nonuniform_threshold(tail, params: torch.Tensor, amax: torch.Tensor, s: int) -> torch.Tensor:
     """TNQSGD: minimise (INT_{-a}^{a} p^(1/3))^3 / (4 s^2) + truncation error (levels ~ p^(1/3))."""
-    return minimize_threshold(
-        lambda a: (2 * tail.root_mass(params, a)) ** 3 / (4 * s * s) + tail.truncation_error(params, a), amax)
+    per_candidate = params.unsqueeze(-2)
+    return minimize_threshold(lambda a: (2 * tail.root_mass(per_candidate, a)) ** 3 / (4 * s * s)
+                              + tail.truncation_error(per_candidate, a), amax)
 
 
 def biscaled_error(tail, params: torch.Tensor, c: torch.Tensor, a: torch.Tensor,
@@ -90,51 +95,53 @@ def biscaled_error(tail, params: torch.Tensor, c: torch.Tensor, a: torch.Tensor,
 
 
 def biscaled_threshold(tail, params: torch.Tensor, amax: torch.Tensor, s: int) -> torch.Tensor:
-    """TBQSGD: [a, c, s1] minimising `biscaled_error` (s1 odd, s2 = s - s1 even and >= 2).
-
-    Searches a on a log grid and c = f * a with f in (0, 1), refining both around the best cell.
+    """TBQSGD: [a, c, s1] (last dimension) minimising `biscaled_error` (s1 odd, s2 = s - s1 even and
+    >= 2). Searches a on a log grid and c = f * a with f in (0, 1), refining both around the best cell.
     """
     hi = amax.clamp_min(1e-30)
     lo = hi * 10.0 ** -SEARCH_DECADES
     f_lo, f_hi = torch.zeros_like(hi), torch.ones_like(hi)
     steps = torch.linspace(0, 1, GRID_POINTS, device=amax.device, dtype=amax.dtype)
+    per_cell = params.unsqueeze(-2).unsqueeze(-2)
     for _ in range(GRID_ROUNDS):
-        a_grid = lo * (hi / lo) ** steps
-        f_grid = f_lo + (f_hi - f_lo) * steps
-        err, _ = biscaled_error(tail, params, a_grid.unsqueeze(1) * f_grid.unsqueeze(0), a_grid.unsqueeze(1), s)
-        best = torch.nan_to_num(err, nan=float("inf")).reshape(-1).argmin()
+        a_grid = lo.unsqueeze(-1) * (hi / lo).unsqueeze(-1) ** steps
+        f_grid = f_lo.unsqueeze(-1) + (f_hi - f_lo).unsqueeze(-1) * steps
+        c_grid = a_grid.unsqueeze(-1) * f_grid.unsqueeze(-2)
+        err, _ = biscaled_error(tail, per_cell, c_grid, a_grid.unsqueeze(-1), s)
+        best = torch.nan_to_num(err, nan=float("inf")).flatten(-2).argmin(dim=-1)
         lo, hi = _refine_bounds(a_grid, best // GRID_POINTS)
         f_lo, f_hi = _refine_bounds(f_grid, best % GRID_POINTS)
     a = torch.sqrt(lo * hi)
     c = a * (f_lo + f_hi) / 2
     _, s1 = biscaled_error(tail, params, c, a, s)
-    return torch.stack([a, c, s1])
+    return torch.stack([a, c, s1], dim=-1)
 
 
 def uniform_levels(a: torch.Tensor, s: int) -> torch.Tensor:
     """s + 1 equally spaced levels on [-a, a]."""
     j = torch.arange(s + 1, device=a.device, dtype=torch.float32)
-    return _pin_ends(-a + 2 * a * j / s, a)
+    return _pin_ends(-a.unsqueeze(-1) + 2 * a.unsqueeze(-1) * j / s, a)
 
 
 def nonuniform_levels(tail, params: torch.Tensor, a: torch.Tensor, s: int) -> torch.Tensor:
     """Levels l_j = G^-1(j/s) for the density lambda ~ p^(1/3) on [-a, a] (symmetric)."""
     u = torch.arange(s + 1, device=a.device, dtype=torch.float32) * (2.0 / s) - 1
-    magnitude = tail.root_mass_inverse(params, u.abs() * tail.root_mass(params, a))
-    return _pin_ends(torch.sign(u) * torch.minimum(magnitude, a), a)
+    magnitude = tail.root_mass_inverse(params.unsqueeze(-2), u.abs() * tail.root_mass(params, a).unsqueeze(-1))
+    return _pin_ends(torch.sign(u) * torch.minimum(magnitude, a.unsqueeze(-1)), a)
 
 
 def biscaled_levels(a: torch.Tensor, c: torch.Tensor, s1: torch.Tensor, s: int) -> torch.Tensor:
     """Coarse grid on [-a, -c], s1 fine intervals on [-c, c], coarse grid on [c, a]."""
     j = torch.arange(s + 1, device=a.device, dtype=torch.float32)
+    a, c, s1 = a.unsqueeze(-1), c.unsqueeze(-1), s1.unsqueeze(-1)
     half = (s - s1) / 2
     left = -a + (a - c) * j / half
     fine = -c + 2 * c * (j - half) / s1
     right = c + (a - c) * (j - half - s1) / half
-    return _pin_ends(torch.where(j < half, left, torch.where(j <= half + s1, fine, right)), a)
+    return _pin_ends(torch.where(j < half, left, torch.where(j <= half + s1, fine, right)), a.squeeze(-1))
 
 
 def _pin_ends(levels: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """The end levels are exactly -a and a, so constant tensors (a = |value|) come back exactly."""
-    levels[0], levels[-1] = -a, a
+    levels[..., 0], levels[..., -1] = -a, a
     return levels

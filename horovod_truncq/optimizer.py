@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import types
-from typing import Optional
+from typing import Union
 
 import horovod.torch as hvd
 import torch
@@ -18,14 +18,16 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters=None
                          groups=None, sparse_as_dense: bool = False,
                          process_set: hvd.ProcessSet = hvd.global_process_set, *,
                          min_elements: int = DEFAULT_MIN_ELEMENTS,
-                         exchange: Optional[Exchange] = None) -> torch.optim.Optimizer:
+                         exchange: Union[str, Exchange, None] = None) -> torch.optim.Optimizer:
     """hvd.DistributedOptimizer with Horovod's signature; a Quantizer as `compression` is bound to
-    the parameters (see ExchangeCompressor) and its payloads travel by allgather.
+    the parameters (see ExchangeCompressor for `min_elements` and `exchange`: "two-phase" by default,
+    or "allgather").
 
     Any other `compression` (hvd.Compression.none, fp16) goes to Horovod untouched. The returned
     optimizer has `.traffic`, the byte counter (None without a quantizer), and its zero_grad takes
-    torch's `set_to_none`. Supports op=hvd.Average and hvd.Sum; hvd.Adasum and sparse gradients are
-    refused with a ValueError.
+    torch's `set_to_none`. Supports op=hvd.Average and hvd.Sum; hvd.Adasum raises a ValueError at
+    construction, and a sparse gradient (nn.Embedding(sparse=True)) raises one at the first backward
+    pass, naming the parameter.
     """
     traffic = None
     if isinstance(compression, Quantizer):
@@ -50,7 +52,15 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters=None
         sparse_as_dense=sparse_as_dense, process_set=process_set)
     distributed.traffic = traffic
     distributed.zero_grad = types.MethodType(_zero_grad, distributed)
+    if traffic is not None:
+        distributed._sparse_allreduce_grad_async = types.MethodType(_refuse_sparse, distributed)
     return distributed
+
+
+def _refuse_sparse(self: torch.optim.Optimizer, p: torch.Tensor, name: str):
+    """Horovod sends sparse gradients down a path of their own that never reaches the compressor."""
+    raise ValueError(f"parameter {name!r} has a sparse gradient, which horovod_truncq does not quantize; give it "
+                     f"dense gradients (e.g. nn.Embedding(sparse=False)) or use Horovod's own optimizer for it")
 
 
 def _zero_grad(self: torch.optim.Optimizer, set_to_none: bool = True) -> None:

@@ -37,15 +37,18 @@ def _shifted(code: torch.Tensor, shift: int) -> torch.Tensor:
 
 
 def pack_words(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Codes in [0, 2**bits) (any integer dtype, 1-D) -> 1-D int32 words on the same device."""
-    numel = codes.numel()
-    rows = torch.nn.functional.pad(codes.to(torch.int32), (0, -(-numel // BLOCK) * BLOCK - numel)).view(BLOCK, -1)
+    """Codes in [0, 2**bits) (any integer dtype) -> int32 words over the last dimension:
+    (..., n) -> (..., b m), on the same device."""
+    numel = codes.shape[-1]
+    padded = torch.nn.functional.pad(codes.to(torch.int32), (0, -(-numel // BLOCK) * BLOCK - numel))
+    rows = padded.view(*codes.shape[:-1], BLOCK, -1)
     words = []
     for word in range(bits):
         # the rows whose bits overlap this word, each shifted into place (their bits never collide)
-        terms = [_shifted(rows[k], bits * k - 32 * word) for k in range(BLOCK) if -bits < bits * k - 32 * word < 32]
+        terms = [_shifted(rows[..., k, :], bits * k - 32 * word)
+                 for k in range(BLOCK) if -bits < bits * k - 32 * word < 32]
         words.append(functools.reduce(torch.bitwise_or, terms))
-    return torch.cat(words)
+    return torch.stack(words, dim=-2).flatten(-2)
 
 
 def unpack_words(words: torch.Tensor, bits: int) -> torch.Tensor:

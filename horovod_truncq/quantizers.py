@@ -42,8 +42,8 @@ class Quantizer:
     """Base class: payload framing, rounding-noise streams, validation, Horovod's Compressor API.
 
     Subclasses set `scheme`, `scheme_id`, `min_bits` and implement `side_info_count`, `_encode`
-    (finite-or-not 1-D float32 -> float32 side information, uint8 codes, non-finite flag) and
-    `_sum` (packed words and side information of W payloads -> float32 sum).
+    (rows of float32, finite or not -> side information, uint8 codes, non-finite flags) and
+    `_dequantize` (packed words and side information of W payloads -> float32 values).
 
     Rounding noise is keyed by (seed, rank, name, step): `encode(..., name=, step=)` names the
     stream; without a step, each name counts its own calls. `rank` is set by the exchange.
@@ -88,6 +88,15 @@ class Quantizer:
         twin.rank, twin._steps = rank, {}
         return twin
 
+    def with_bits(self, bits: int) -> "Quantizer":
+        """The same scheme and options at another bit width, drawing the same rank's noise streams."""
+        twin = type(self)(bits=bits, seed=self._stream_seed, **self._options())
+        twin.rank = self.rank
+        return twin
+
+    def _options(self) -> dict:
+        return {}
+
     def stream_key(self, name: str = "", step: Optional[int] = None) -> tuple[int, int]:
         """The noise key for tensor `name` at `step` (the next step of `name` when None)."""
         if step is None:
@@ -97,9 +106,12 @@ class Quantizer:
 
     # ---------------------------------------------------------------- scheme hooks
     def _encode(self, x: torch.Tensor, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rows, n) float32 -> side information (rows, k), uint8 codes (rows, n), non-finite flags (rows,)."""
         raise NotImplementedError
 
-    def _sum(self, words: torch.Tensor, side: torch.Tensor, numel: int) -> torch.Tensor:
+    def _dequantize(self, words: torch.Tensor, side: torch.Tensor, numel: int, total: bool) -> torch.Tensor:
+        """Packed words (W, b m) and side information (W, k) -> float32 (32, m) sum over the W rows
+        when `total`, else (W, 32, m)."""
         raise NotImplementedError
 
     # ---------------------------------------------------------------- public API
@@ -110,22 +122,31 @@ class Quantizer:
         """
         if not torch.is_floating_point(tensor):
             raise TypeError(f"{type(self).__name__}.encode takes floating-point tensors, got {tensor.dtype}")
-        x = tensor.detach().reshape(-1).to(torch.float32)
-        numel = x.numel()
-        if numel > MAX_ELEMENTS:
-            raise ValueError(f"tensors of more than {MAX_ELEMENTS} elements are not supported, got {numel}")
-        header = _device_header(self.scheme_id, self.bits, self.tail_id, numel, x.device).clone()
+        return self.encode_rows(tensor.detach().reshape(1, -1), name=name, step=step)[0]
+
+    def encode_rows(self, rows: torch.Tensor, *, name: str = "", step: Optional[int] = None) -> torch.Tensor:
+        """One payload per row of a (rows, n) floating-point tensor, each row with its own threshold
+        and side information, in one batch of passes: a (rows, payload_size(n)) uint8 tensor."""
+        if not torch.is_floating_point(rows) or rows.dim() != 2:
+            raise TypeError(f"{type(self).__name__}.encode_rows takes a 2-D floating-point tensor, "
+                            f"got {rows.dtype} of shape {tuple(rows.shape)}")
+        x = rows.detach().to(torch.float32).contiguous()
+        count, numel = x.shape
+        if x.numel() > MAX_ELEMENTS:
+            raise ValueError(f"tensors of more than {MAX_ELEMENTS} elements are not supported, got {x.numel()}")
+        header = _device_header(self.scheme_id, self.bits, self.tail_id, numel, x.device).expand(count, -1).clone()
         key = self.stream_key(name, step)
         if numel == 0:
-            return torch.cat([header, torch.zeros(4 * self.side_info_count(0), dtype=torch.uint8, device=x.device)])
+            return torch.cat([header, torch.zeros(count, 4 * self.side_info_count(0), dtype=torch.uint8,
+                                                  device=x.device)], dim=1)
         side, codes, nonfinite = self._encode(x, key)
         # Finite input can still overflow float32 side information (a norm or mean of huge values):
         # that is flagged like NaN/Inf input, and the stored side information stays finite.
         side_finite = torch.isfinite(side)
-        header[wire.FLAGS_OFFSET] = (nonfinite | ~side_finite.all()).to(torch.uint8) * wire.FLAG_NONFINITE
+        header[:, wire.FLAGS_OFFSET] = (nonfinite | ~side_finite.all(dim=1)).to(torch.uint8) * wire.FLAG_NONFINITE
         side = torch.where(side_finite, side, 0.0)
-        words = kernels.pack_kernel(numel, codes, bits=self.bits)
-        return torch.cat([header, side.view(torch.uint8), words.view(torch.uint8)])
+        words = kernels.pack_kernel(x.numel(), codes, bits=self.bits)
+        return torch.cat([header, side.view(torch.uint8), words.view(torch.uint8)], dim=1)
 
     def decode_sum(self, payloads: torch.Tensor, shape: Shape) -> torch.Tensor:
         """The float32 sum of the dequantized tensors in `payloads`, a (W, payload_size) uint8 tensor
@@ -135,10 +156,34 @@ class Quantizer:
         scheme and bit width for a tensor of this many elements, or is truncated or corrupted. When a
         sender's gradient held NaN or Inf, the whole sum is NaN (logged once).
         """
+        numel = math.prod(shape)
+        words, side, flagged = self._validated(payloads, numel)
+        if flagged or numel == 0:
+            return torch.full(shape, float("nan") if flagged else 0.0, dtype=torch.float32, device=payloads.device)
+        return self._dequantize(words, side, numel, total=True).view(-1)[:numel].view(shape)
+
+    def decode_rows(self, payloads: torch.Tensor, numel: int) -> torch.Tensor:
+        """The dequantized rows of a (W, payload_size(numel)) uint8 tensor, kept apart: float32 (W, numel).
+        Validation and non-finite senders as in `decode_sum` (all NaN when any row is flagged)."""
+        words, side, flagged = self._validated(payloads, numel)
+        if flagged or numel == 0:
+            return torch.full((payloads.shape[0], numel), float("nan") if flagged else 0.0, dtype=torch.float32,
+                              device=payloads.device)
+        values = self._dequantize(words, side, numel, total=False)
+        return values.view(payloads.shape[0], -1)[:, :numel]
+
+    def decode(self, payload: torch.Tensor, shape: Shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dequantized tensor of `shape` and `dtype` from one payload (see decode_sum)."""
+        if payload.dtype != torch.uint8 or payload.dim() != 1:
+            raise ValueError(f"payload must be a 1-D uint8 tensor, got {payload.dtype} of shape {tuple(payload.shape)}")
+        return self.decode_sum(payload.view(1, -1), shape).to(dtype)
+
+    def _validated(self, payloads: torch.Tensor, numel: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """(codes as contiguous int32 words (W, b m), side information (W, k), any row flagged
+        non-finite) after checking every row with one host read."""
         if payloads.dtype != torch.uint8 or payloads.dim() != 2:
             raise ValueError(f"payloads must be a 2-D uint8 tensor (senders, bytes), got {payloads.dtype} "
                              f"of shape {tuple(payloads.shape)}")
-        numel = math.prod(shape)
         senders, size = payloads.shape
         if size != self.payload_size(numel) or senders == 0:
             self._raise_invalid(payloads, numel)
@@ -154,23 +199,14 @@ class Quantizer:
         all_valid, flagged = torch.stack([valid.all(), (heads[:, wire.FLAGS_OFFSET] > 0).any()]).tolist()
         if not all_valid:
             self._raise_invalid(payloads, numel)
-        if numel == 0:
-            return torch.zeros(shape, dtype=torch.float32, device=payloads.device)
-        if flagged:
-            if not self._warned_nonfinite:
-                log.warning("%r: a gradient held NaN or Inf, or overflowed float32 in its norm or mean; the "
-                            "decoded tensor is all NaN so that a loss-scaling optimizer skips the step "
-                            "(further occurrences not logged)", self)
-                self._warned_nonfinite = True
-            return torch.full(shape, float("nan"), dtype=torch.float32, device=payloads.device)
-        words = payloads[:, side_end:].view(torch.int32)
-        return self._sum(words, side, numel).view(-1)[:numel].view(shape)
-
-    def decode(self, payload: torch.Tensor, shape: Shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The dequantized tensor of `shape` and `dtype` from one payload (see decode_sum)."""
-        if payload.dtype != torch.uint8 or payload.dim() != 1:
-            raise ValueError(f"payload must be a 1-D uint8 tensor, got {payload.dtype} of shape {tuple(payload.shape)}")
-        return self.decode_sum(payload.view(1, -1), shape).to(dtype)
+        if flagged and not self._warned_nonfinite:
+            log.warning("%r: a gradient held NaN or Inf, or overflowed float32 in its norm or mean; the "
+                        "decoded tensor is all NaN so that a loss-scaling optimizer skips the step "
+                        "(further occurrences not logged)", self)
+            self._warned_nonfinite = True
+        # Contiguous copies of the codes (b/8 bytes per element and sender) let the compiled pass
+        # vectorise its loads: twice as fast as reading the rows in place.
+        return payloads[:, side_end:].view(torch.int32).contiguous(), side.contiguous(), bool(flagged)
 
     def _raise_invalid(self, payloads: torch.Tensor, numel: int) -> None:
         """Say what is wrong with the first invalid row (error path: host reads are fine here)."""
@@ -228,6 +264,9 @@ class _Truncated(Quantizer):
     def _repr_extra(self) -> str:
         return f", tail={self.tail.name!r}"
 
+    def _options(self) -> dict:
+        return {"tail": self.tail.name}
+
     def side_info_count(self, numel: int) -> int:
         return self.s + 1
 
@@ -237,17 +276,18 @@ class _Truncated(Quantizer):
         raise NotImplementedError
 
     def _levels_and_flag(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        amax, amin, total, nonfinite = kernels.abs_stats_kernel(x.numel(), x).unbind()
-        params = self.tail.fit(x, total / x.numel()).double()
-        levels = self._choose_levels(params, amax, amin)
-        return levels, nonfinite > 0
+        """Levels (rows, 2^bits) and non-finite flags (rows,) for a (rows, n) float32 tensor."""
+        amax, amin, total, nonfinite = kernels.abs_stats_kernel(x.numel(), x).unbind(dim=-1)
+        params = self.tail.fit(x, total / x.shape[-1]).double()
+        return self._choose_levels(params, amax, amin), nonfinite > 0
 
     def _encode(self, x: torch.Tensor, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         levels, nonfinite = self._levels_and_flag(x)
         return levels, kernels.round_to_levels_kernel(x.numel(), x, levels, key, 0), nonfinite
 
-    def _sum(self, words: torch.Tensor, side: torch.Tensor, numel: int) -> torch.Tensor:
-        return kernels.sum_levels_kernel(numel, words, side, bits=self.bits)
+    def _dequantize(self, words: torch.Tensor, side: torch.Tensor, numel: int, total: bool) -> torch.Tensor:
+        kernel = kernels.sum_levels_kernel if total else kernels.dequantize_levels_kernel
+        return kernel(numel * side.shape[0], words, side, bits=self.bits)
 
     @staticmethod
     def _clamp_threshold(a: torch.Tensor, amax: torch.Tensor, amin: torch.Tensor) -> torch.Tensor:
@@ -261,7 +301,7 @@ class _Truncated(Quantizer):
 
     def levels(self, tensor: torch.Tensor) -> torch.Tensor:
         """The 2^bits levels this quantizer picks for a finite, non-empty `tensor`."""
-        return self._levels_and_flag(tensor.detach().reshape(-1).float())[0]
+        return self._levels_and_flag(tensor.detach().reshape(1, -1).float())[0][0]
 
 
 class TUQSGD(_Truncated):
@@ -272,7 +312,7 @@ class TUQSGD(_Truncated):
 
     def _choose_levels(self, params, amax, amin):
         if self.tail is Laplace:
-            a = lv.laplace_uniform_threshold(params[0], self.s)
+            a = lv.laplace_uniform_threshold(params[..., 0], self.s)
         else:
             a = lv.uniform_threshold(self.tail, params, amax, self.s)
         return lv.uniform_levels(self._clamp_threshold(a, amax, amin), self.s)
@@ -286,7 +326,7 @@ class TNQSGD(_Truncated):
 
     def _choose_levels(self, params, amax, amin):
         if self.tail is Laplace:
-            a = lv.laplace_nonuniform_threshold(params[0], self.s)
+            a = lv.laplace_nonuniform_threshold(params[..., 0], self.s)
         else:
             a = lv.nonuniform_threshold(self.tail, params, amax, self.s)
         a = self._clamp_threshold(a, amax, amin)
@@ -301,7 +341,7 @@ class TBQSGD(_Truncated):
     min_bits = 2
 
     def _choose_levels(self, params, amax, amin):
-        a, c, s1 = lv.biscaled_threshold(self.tail, params, amax, self.s).unbind()
+        a, c, s1 = lv.biscaled_threshold(self.tail, params, amax, self.s).unbind(dim=-1)
         a = self._clamp_threshold(a, amax, amin)
         return lv.biscaled_levels(a, torch.minimum(c.float(), a), s1.float(), self.s)
 
@@ -335,6 +375,9 @@ class _NormScaled(Quantizer):
     def _repr_extra(self) -> str:
         return f", bucket_size={self.bucket_size}" if self.bucket_size else ""
 
+    def _options(self) -> dict:
+        return {"bucket_size": self.bucket_size}
+
     def _bucket(self, numel: int) -> int:
         return max(1, min(self.bucket_size or numel, numel))
 
@@ -342,23 +385,26 @@ class _NormScaled(Quantizer):
         return max(1, -(-numel // self._bucket(numel)))
 
     def _encode(self, x: torch.Tensor, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        numel, bucket = x.numel(), self._bucket(x.numel())
+        rows, numel = x.shape
+        bucket = self._bucket(numel)
         whole = numel // bucket * bucket
-        rows, rest = x[:whole].view(-1, bucket), x[whole:].view(1, -1)
-        norms = kernels.bucket_norms_kernel(numel, rows)
-        if rest.numel():
-            norms = torch.cat([norms, kernels.bucket_norms(rest)])
+        full, rest = x[:, :whole].view(rows, -1, bucket), x[:, whole:]
+        norms = kernels.bucket_norms_kernel(x.numel(), full)
+        if rest.shape[1]:
+            norms = torch.cat([norms, kernels.bucket_norms(rest).unsqueeze(1)], dim=1)
         inverse = torch.where((norms > 0) & torch.isfinite(norms), 1 / norms, 0.0)
         magnitudes = _magnitudes(self.scheme, self.magnitude_count, x.device)
-        codes = kernels.round_scaled_kernel(numel, rows, inverse[: rows.shape[0]], magnitudes, key, 0, bits=self.bits)
-        if rest.numel():
-            codes = torch.cat([codes, kernels.round_scaled(rest, inverse[rows.shape[0]:], magnitudes, key, whole,
-                                                           bits=self.bits)])
-        return norms, codes, torch.zeros((), dtype=torch.bool, device=x.device)
+        codes = kernels.round_scaled_kernel(x.numel(), full, inverse[:, : full.shape[1]], magnitudes, key, 0,
+                                            bits=self.bits).view(rows, whole)
+        if rest.shape[1]:  # noise indices after those of the whole buckets
+            tail = kernels.round_scaled(rest, inverse[:, -1], magnitudes, key, rows * whole, bits=self.bits)
+            codes = torch.cat([codes, tail], dim=1)
+        return norms, codes, torch.zeros(rows, dtype=torch.bool, device=x.device)
 
-    def _sum(self, words: torch.Tensor, side: torch.Tensor, numel: int) -> torch.Tensor:
+    def _dequantize(self, words: torch.Tensor, side: torch.Tensor, numel: int, total: bool) -> torch.Tensor:
         magnitudes = _magnitudes(self.scheme, self.magnitude_count, words.device)
-        return kernels.sum_scaled_kernel(numel, words, side, magnitudes, bucket=self._bucket(numel), bits=self.bits)
+        kernel = kernels.sum_scaled_kernel if total else kernels.dequantize_scaled_kernel
+        return kernel(numel * side.shape[0], words, side, magnitudes, bucket=self._bucket(numel), bits=self.bits)
 
 
 class QSGD(_NormScaled):

@@ -1,4 +1,5 @@
-"""The training example runs end to end on 2 workers for every compressor and writes valid records."""
+"""The training example runs end to end on 2 workers for every compressor, learns, and writes valid
+records."""
 import json
 from pathlib import Path
 
@@ -13,19 +14,24 @@ COMPRESSORS = ["none", "fp16", "qsgd", "nqsgd", "tuqsgd", "tnqsgd", "tbqsgd"]
 @pytest.mark.multirank
 @pytest.mark.skipif(not FASHION.exists(), reason="Debian's dataset-fashion-mnist is not installed")
 def test_every_compressor_trains_and_records(tmp_path):
-    run_ranks(2, ["examples/train_mnist.py", "--compressor", ",".join(COMPRESSORS), "--bits", "3",
-                  "--steps", "6", "--eval-every", "3", "--test-size", "500", "--out-dir", str(tmp_path)])
+    run_ranks(2, ["examples/train_mnist.py", "--compressor", ",".join(COMPRESSORS), "--bits", "3", "--lr", "0.05",
+                  "--steps", "30", "--eval-every", "15", "--test-size", "500", "--out-dir", str(tmp_path)])
     records = {p.name: json.loads(p.read_text()) for p in tmp_path.glob("*.json")}
     assert sorted(records) == sorted(f"{c}-s0.json" if c in ("none", "fp16") else f"{c}-b3-s0.json" for c in COMPRESSORS)
     for name, record in records.items():
-        assert record["config"]["workers"] == 2 and record["config"]["steps"] == 6
-        assert [e["step"] for e in record["evaluations"]] == [3, 6]
-        assert 0.0 <= record["final_accuracy"] <= 1.0
-        sent = record["bytes_per_step"]
-        assert sent["fp32_reference"] == 4 * record["config"]["parameters"]
-        if record["config"]["compressor"] == "none":
-            assert sent["total"] == sent["fp32_reference"]
-        elif record["config"]["compressor"] == "fp16":
-            assert sent["total"] == sent["fp32_reference"] / 2
+        compressor = record["config"]["compressor"]
+        assert record["config"]["workers"] == 2 and record["config"]["steps"] == 30
+        assert [e["step"] for e in record["evaluations"]] == [15, 30]
+        if compressor in ("qsgd", "nqsgd"):  # per-tensor norms diverge at this learning rate (docs/results.md)
+            assert 0.0 <= record["final_accuracy"] <= 1.0
+        else:  # 10 classes: chance is 0.1; fp32 reaches about 0.58 in 30 steps
+            assert record["final_accuracy"] > 0.4, (name, record["final_accuracy"])
+        moved = record["bytes_per_step"]
+        assert moved["fp32_reference"] == 4 * record["config"]["parameters"]  # 2 (W - 1) / W = 1 at W = 2
+        assert moved["sent"] == moved["received"]
+        if compressor == "none":
+            assert moved["received"] == moved["fp32_reference"]
+        elif compressor == "fp16":
+            assert moved["received"] == moved["fp32_reference"] / 2
         else:  # 3 bits per coordinate plus headers and the small tensors sent in fp32
-            assert sent["total"] < sent["fp32_reference"] / 8, (name, sent)
+            assert moved["received"] < moved["fp32_reference"] / 8, (name, moved)

@@ -8,7 +8,7 @@ pytestmark = pytest.mark.multirank
 
 
 def test_two_ranks_gloo():
-    checks = ["exact", "none", "stock", "bytes", "features", "order", "train"]
+    checks = ["exact", "none", "stock", "bytes", "features", "order", "train", "flush"]
     output = run_ranks(2, [WORKER, *checks])
     for check in checks:
         assert_ok(output, check, 2)
@@ -32,6 +32,14 @@ def test_eight_ranks_gloo():
         assert_ok(output, check, 8)
 
 
-def test_mismatched_bits_raise_on_every_rank():
-    output = run_ranks(2, [WORKER, "mismatch"], timeout=120)
+def test_mismatched_settings_raise_on_every_rank():
+    output = run_ranks(2, [WORKER, "mismatch"], timeout=180)
     assert_ok(output, "mismatch", 2)
+
+
+@pytest.mark.parametrize("controller", ["gloo", "mpi"])
+def test_two_phase_four_ranks(controller):
+    checks = ["two-phase", "flush", "bytes", "mismatch"]
+    output = run_ranks(4, [WORKER, *checks], controller=controller, timeout=600)
+    for check in checks:
+        assert_ok(output, check, 4)

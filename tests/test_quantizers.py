@@ -473,3 +473,23 @@ def test_cuda_is_unbiased_and_makes_no_host_round_trip(cls, kwargs):
     variance = ((target - grid[index]) * (grid[index + 1] - target)).clamp_min(0)
     tolerance = 5 * torch.sqrt(variance / copies) + 1e-5 * (1 + target.abs())
     assert bool(((decoded.mean(0) - target).abs() <= tolerance).all())
+
+
+# ---------------------------------------------------------------- rows (chunks of one gradient)
+@pytest.mark.parametrize("cls, kwargs", configurations((2, 3)) + [
+    pytest.param(htq.QSGD, dict(bits=3, bucket_size=100), id="QSGD-bucket100"),
+    pytest.param(htq.TNQSGD, dict(bits=8, tail="powerlaw"), id="TNQSGD-powerlaw-8")])
+def test_rows_are_quantized_independently(cls, kwargs):
+    """encode_rows gives each row its own threshold (or norms): every row decodes like the same
+    data encoded alone, up to the rounding noise, and decode_rows keeps the rows apart."""
+    q = cls(seed=4, **kwargs)
+    rows = torch.stack([student_t(1000, seed=1), 100 * student_t(1000, seed=2), torch.zeros(1000)])
+    payloads = q.encode_rows(rows, name="bucket")
+    assert payloads.shape == (3, q.payload_size(1000))
+    decoded = q.decode_rows(payloads, 1000)
+    for row, values, payload in zip(rows, decoded, payloads):
+        assert torch.equal(payload[16:16 + 4 * q.side_info_count(1000)],
+                           q.encode(row)[16:16 + 4 * q.side_info_count(1000)])  # same levels or norms
+        assert torch.equal(values, q.decode(payload, (1000,)))
+    assert torch.equal(decoded[2], torch.zeros(1000))
+    torch.testing.assert_close(q.decode_sum(payloads, (1000,)), decoded.sum(0), rtol=1e-6, atol=1e-6)

@@ -12,7 +12,7 @@ def record(compressor, bits, seed, accuracies, total):
                        "steps": 20, "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "batch_size": 32, "test_size": 100},
             "evaluations": [{"step": 10 * (i + 1), "accuracy": a} for i, a in enumerate(accuracies)],
             "final_accuracy": accuracies[-1], "wall_seconds": 30.0,
-            "bytes_per_step": {"total": total, "fp32_reference": 4000}}
+            "bytes_per_step": {"sent": total, "received": total, "fp32_reference": 4000}}
 
 
 def test_report_from_fixture(tmp_path):
