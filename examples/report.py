@@ -17,8 +17,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-TRUNCATED = ("tuqsgd", "tnqsgd", "tbqsgd")
-BASELINES = ("qsgd", "nqsgd")
+import horovod_truncq as htq  # noqa: E402
+
+TRUNCATED = tuple(name for name, cls in htq.SCHEMES.items() if cls.truncated)
+BASELINES = tuple(name for name, cls in htq.SCHEMES.items() if not cls.truncated)
 ORDER = ("none", "fp16") + BASELINES + TRUNCATED
 COLORS = dict(zip(ORDER, ("black", "gray", "tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")))
 

@@ -24,12 +24,12 @@ import horovod.torch as hvd
 import horovod_truncq as htq
 
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
-COMPRESSORS = ("none", "fp16", "qsgd", "nqsgd", "tuqsgd", "tnqsgd", "tbqsgd")
+COMPRESSORS = ("none", "fp16", *htq.SCHEMES)  # Horovod's own, then every scheme of the library
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--compressor", default="tnqsgd", help=f"comma list of {', '.join(COMPRESSORS)}")
+    p.add_argument("--compressor", default="tnqsgd", help=f"comma list of {', '.join(COMPRESSORS)}, or all")
     p.add_argument("--bits", default="3", help="comma list of bits per coordinate (ignored by none, fp16)")
     p.add_argument("--tail", default=None, choices=["laplace", "powerlaw"], help="tail model (default: the scheme's)")
     p.add_argument("--bucket-size", type=int, default=None, help="QSGD/NQSGD bucket size (default: whole tensor)")
@@ -171,7 +171,7 @@ def main() -> None:
     args = parse_args()
     hvd.init()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // hvd.local_size()))
-    compressors = args.compressor.split(",")
+    compressors = list(COMPRESSORS) if args.compressor == "all" else args.compressor.split(",")
     unknown = set(compressors) - set(COMPRESSORS)
     if unknown:
         raise SystemExit(f"unknown compressor(s) {sorted(unknown)}; choose from {', '.join(COMPRESSORS)}")

@@ -52,6 +52,7 @@ def make_exchange(exchange: Union[str, Exchange, None]) -> Exchange:
 
 @dataclass
 class _Context:
+    compressor: "ExchangeCompressor"
     wait: Optional[Waiter]  # None for tensors sent unquantized
     shape: torch.Size
     dtype: torch.dtype
@@ -151,12 +152,12 @@ class ExchangeCompressor:
         if not torch.is_floating_point(tensor) or tensor.numel() < self.min_elements:
             sent = tensor.float() if torch.is_floating_point(tensor) else tensor
             self.traffic.add_transfer(ring_allreduce_bytes(sent.numel() * sent.element_size(), ranks))
-            return sent, _Context(None, tensor.shape, tensor.dtype, "")
+            return sent, _Context(self, None, tensor.shape, tensor.dtype, "")
         name = self._name_of(tensor)
         wait = self.exchange.submit(tensor, self.quantizer, name)
         self.traffic.add_transfer(ring_allreduce_bytes(PLACEHOLDER_BYTES, ranks))
         placeholder = torch.full((1,), float(self.process_set.rank() + 1), dtype=torch.float32, device=tensor.device)
-        return placeholder, _Context(wait, tensor.shape, tensor.dtype, name)
+        return placeholder, _Context(self, wait, tensor.shape, tensor.dtype, name)
 
     def decompress(self, tensor: torch.Tensor, ctx: _Context) -> torch.Tensor:
         if ctx.wait is None:

@@ -81,7 +81,9 @@ class _Bucket:
     name: str
     slots: dict[str, tuple[int, int]]  # gradient name -> (offset, numel) in the flat bucket
     numel: int
-    staged: dict[str, torch.Tensor] = field(default_factory=dict)
+    staged: dict[str, torch.Tensor] = field(default_factory=dict)  # until copied into the bucket
+    arrived: set[str] = field(default_factory=set)
+    waiting: int = 0                # waiters of this step that have not taken their slice
     scatter: Optional[int] = None   # phase 1 handle (alltoall)
     gather: Optional[int] = None    # phase 2 handle (allgather)
     result: Optional[torch.Tensor] = None
@@ -144,21 +146,24 @@ class TwoPhaseExchange:
             raise ValueError(f"parameter {name!r} was not among the gradients the two-phase exchange was prepared for")
         if self._draining:  # the previous step's waits are over: a new step begins
             self._new_step()
-        if name in bucket.staged:
+        if name in bucket.arrived:
             raise ValueError(f"parameter {name!r} was submitted twice in one step")
         if self._quantizer is None:
             self._quantizer = quantizer
             self._second = quantizer if self.second_bits in (None, quantizer.bits) else quantizer.with_bits(self.second_bits)
         bucket.staged[name] = tensor
+        bucket.arrived.add(name)
+        bucket.waiting += 1
         self._device = tensor.device
-        if len(bucket.staged) == len(bucket.slots):
+        if len(bucket.arrived) == len(bucket.slots):
             self._scatter(bucket)
         return functools.partial(self._wait, bucket, name)
 
     def _new_step(self) -> None:
         self._draining = False
         for bucket in self._buckets:
-            bucket.staged, bucket.scatter, bucket.gather, bucket.result = {}, None, None, None
+            bucket.staged, bucket.arrived, bucket.waiting = {}, set(), 0
+            bucket.scatter, bucket.gather, bucket.result = None, None, None
 
     def _chunk(self, bucket: _Bucket) -> int:
         """Elements per owner: the bucket split in W equal chunks of whole 32-code blocks."""
@@ -173,6 +178,7 @@ class TwoPhaseExchange:
                  else torch.zeros(numel, device=device) for name, (_, numel) in bucket.slots.items()]
         parts.append(torch.zeros(ranks * self._chunk(bucket) - bucket.numel, device=device))
         chunks = torch.cat(parts).view(ranks, -1)
+        bucket.staged = {}  # copied: the gradients need not outlive the backward pass
         payloads = self._quantizer.encode_rows(chunks, name=f"{bucket.name}.scatter")
         bucket.scatter = hvd.alltoall_async(payloads, name=f"truncq.two-phase.{bucket.name}.scatter",
                                             process_set=self._process_set)
@@ -210,4 +216,8 @@ class TwoPhaseExchange:
                 raise ValueError(f"bucket {bucket.name!r}: a reduced chunk does not match {self._second!r}: "
                                  f"{error}") from error
         offset, numel = bucket.slots[name]
-        return bucket.result[offset:offset + numel].clone()  # a gradient of its own, not a view of the bucket
+        mine = bucket.result[offset:offset + numel].clone()  # a gradient of its own, not a view of the bucket
+        bucket.waiting -= 1
+        if bucket.waiting == 0:
+            bucket.result = None
+        return mine

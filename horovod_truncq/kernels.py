@@ -168,6 +168,7 @@ class Kernel:
         return torch.compile(types.FunctionType(code, bound.__globals__, name, None, bound.__closure__),
                              options={"assert_indirect_indexing": False})
 
+    @torch.no_grad()  # one grad mode for every caller (backward hooks, optimizer step): one compilation
     def __call__(self, numel: int, *args, **static) -> torch.Tensor:
         global _compile_failed
         if numel >= COMPILE_MIN_ELEMENTS and compiling_enabled():

@@ -14,6 +14,7 @@ import functools
 import logging
 import math
 import os
+import sys
 from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 import torch
@@ -53,6 +54,7 @@ class Quantizer:
     scheme_id = 0
     min_bits = 1
     tail_id = 0
+    truncated = False  # True for the truncated schemes, False for the QSGD-style baselines
 
     def __init__(self, bits: int = 4, seed: Optional[int] = None) -> None:
         if isinstance(bits, bool) or not isinstance(bits, int) or not self.min_bits <= bits <= 8:
@@ -227,19 +229,37 @@ class Quantizer:
                 raise ValueError(f"{where}: side information is not finite: corrupted payload")
         raise AssertionError("payloads were reported invalid but every row checks out")
 
-    # Horovod's Compressor interface for a local round trip (exchange.py routes payloads between
-    # ranks instead).
-    def compress(self, tensor: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+    # Horovod's Compressor interface. Given directly to hvd.DistributedOptimizer (the one line of
+    # Horovod's documentation, compression=htq.TNQSGD(bits=3)), the quantizer binds itself to that
+    # optimizer's parameters and process set on the first call and exchanges as `bind` would.
+    # Anywhere else, compress/decompress is a local round trip through the payload.
+    def compress(self, tensor: torch.Tensor) -> tuple[torch.Tensor, object]:
         """(payload, ctx); non-floating tensors pass through unchanged, as in Horovod's fp16."""
         if not torch.is_floating_point(tensor):
             return tensor, (None, None)
+        optimizer = _calling_horovod_optimizer()
+        if optimizer is not None:
+            return self._bound_to(optimizer).compress(tensor)
         return self.encode(tensor), (tensor.shape, tensor.dtype)
 
-    def decompress(self, tensor: torch.Tensor, ctx: tuple) -> torch.Tensor:
+    def decompress(self, tensor: torch.Tensor, ctx) -> torch.Tensor:
+        if not isinstance(ctx, tuple):  # from the exchange this quantizer bound itself to
+            return ctx.compressor.decompress(tensor, ctx)
         shape, dtype = ctx
         if shape is None:
             return tensor
         return self.decode(tensor, shape, dtype)
+
+    def _bound_to(self, optimizer) -> "ExchangeCompressor":
+        """The compressor for a Horovod DistributedOptimizer, made on its first gradient: its own
+        parameter names (those it gives its allreduces), in the order of its param groups."""
+        bound = getattr(optimizer, "_truncq_compressor", None)
+        if bound is None:
+            names = optimizer._parameter_names
+            named = [(names[p], p) for group in optimizer.param_groups for p in group["params"] if p in names]
+            bound = self.bind(named, process_set=optimizer.process_set)
+            optimizer._truncq_compressor = bound
+        return bound
 
     def bind(self, named_parameters, **options) -> "ExchangeCompressor":
         """The `compression=` object for hvd.DistributedOptimizer (options: see ExchangeCompressor)."""
@@ -247,10 +267,32 @@ class Quantizer:
         return ExchangeCompressor(self, named_parameters, **options)
 
 
+def _calling_horovod_optimizer():
+    """The hvd.DistributedOptimizer whose gradient hook is calling `compress`, if any, else None.
+
+    Horovod builds the optimizer's class from a copy of _DistributedOptimizer's methods, so the
+    caller is recognised by the code of the method that calls `compress`; its `self` is the optimizer."""
+    module = sys.modules.get("horovod.torch.optimizer")
+    if module is None:
+        return None
+    callers = {getattr(module._DistributedOptimizer, method).__code__
+               for method in ("_allreduce_grad_async", "_grouped_allreduce_grad_async")
+               if hasattr(module._DistributedOptimizer, method)}
+    frame = sys._getframe(2)
+    for _ in range(2):  # the grouped path calls compress from a list comprehension, a frame of its own
+        if frame is None:
+            return None
+        if frame.f_code in callers:
+            return frame.f_locals.get("self")
+        frame = frame.f_back
+    return None
+
+
 class _Truncated(Quantizer):
     """Shared by the truncated schemes: fit the tail model, choose a, build the levels, round."""
 
     default_tail = "laplace"
+    truncated = True
 
     def __init__(self, bits: int = 4, tail: Optional[str] = None, seed: Optional[int] = None) -> None:
         super().__init__(bits, seed)

@@ -14,7 +14,7 @@ cd "$ROOT"
 bash launch/setup.sh
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 PYTHONUNBUFFERED=1
 NP=${NP:-8}
-COMPRESSORS=${COMPRESSORS:-none,fp16,qsgd,nqsgd,tuqsgd,tnqsgd,tbqsgd}
+COMPRESSORS=${COMPRESSORS:-all}
 LR=${LR:-0.01}
 if [ "${1:-}" = "--quick" ]; then
   OUT=${OUT:-runs/sweep-quick} BITS=${BITS:-3} SEEDS=${SEEDS:-0} STEPS=${STEPS:-60} EVAL=20 REPORT=${REPORT:-runs/sweep-quick/report}

@@ -5,16 +5,17 @@ from pathlib import Path
 
 import pytest
 
+import horovod_truncq as htq
 from conftest import run_ranks
 
 FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
-COMPRESSORS = ["none", "fp16", "qsgd", "nqsgd", "tuqsgd", "tnqsgd", "tbqsgd"]
+COMPRESSORS = ["none", "fp16", *htq.SCHEMES]
 
 
 @pytest.mark.multirank
 @pytest.mark.skipif(not FASHION.exists(), reason="Debian's dataset-fashion-mnist is not installed")
 def test_every_compressor_trains_and_records(tmp_path):
-    run_ranks(2, ["examples/train_mnist.py", "--compressor", ",".join(COMPRESSORS), "--bits", "3", "--lr", "0.05",
+    run_ranks(2, ["examples/train_mnist.py", "--compressor", "all", "--bits", "3", "--lr", "0.05",
                   "--steps", "30", "--eval-every", "15", "--test-size", "500", "--out-dir", str(tmp_path)])
     records = {p.name: json.loads(p.read_text()) for p in tmp_path.glob("*.json")}
     assert sorted(records) == sorted(f"{c}-s0.json" if c in ("none", "fp16") else f"{c}-b3-s0.json" for c in COMPRESSORS)

@@ -8,7 +8,7 @@ pytestmark = pytest.mark.multirank
 
 
 def test_two_ranks_gloo():
-    checks = ["exact", "none", "stock", "bytes", "features", "order", "train", "flush"]
+    checks = ["exact", "none", "stock", "oneliner", "bytes", "features", "order", "train", "flush"]
     output = run_ranks(2, [WORKER, *checks])
     for check in checks:
         assert_ok(output, check, 2)
@@ -30,6 +30,16 @@ def test_eight_ranks_gloo():
                        HOROVOD_DYNAMIC_PROCESS_SETS="1")
     for check in ("exact", "process_set", "bytes"):
         assert_ok(output, check, 8)
+
+
+def test_sparse_gradients_raise_on_every_rank():
+    output = run_ranks(2, [WORKER, "sparse"], timeout=120)
+    assert_ok(output, "sparse", 2)
+
+
+def test_gradient_of_an_unbound_parameter_raises_on_every_rank():
+    output = run_ranks(2, [WORKER, "stray"], timeout=120)
+    assert_ok(output, "stray", 2)
 
 
 def test_mismatched_settings_raise_on_every_rank():

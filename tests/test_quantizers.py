@@ -7,7 +7,7 @@ import torch
 import horovod_truncq as htq
 from horovod_truncq import levels as lv
 from horovod_truncq import noise, wire
-from horovod_truncq.tails import Laplace, PowerLaw
+from horovod_truncq.tails import PowerLaw
 
 TRUNCATED = [htq.TUQSGD, htq.TNQSGD, htq.TBQSGD]
 ALL_SCHEMES = TRUNCATED + [htq.QSGD, htq.NQSGD]

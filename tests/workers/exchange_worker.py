@@ -6,7 +6,6 @@ With "mpi4py" first, Horovod is initialised on mpi4py's COMM_WORLD.
 from __future__ import annotations
 
 import copy
-import re
 import sys
 
 import torch
@@ -256,6 +255,13 @@ def check_features() -> None:
             assert match in str(error), error
         else:
             raise AssertionError(f"{kwargs} accepted")
+    # every parameter needs a name of its own
+    try:
+        htq.TNQSGD(bits=3).bind([("w", net[0].weight), ("w", net[2].weight)])
+    except ValueError as error:
+        assert "repeats the names ['w']" in str(error), error
+    else:
+        raise AssertionError("duplicate names accepted")
     # a gradient that belongs to no named parameter: clear error at the first step
     stray = model()
     compressor = htq.TNQSGD(bits=3).bind(stray.named_parameters(), min_elements=0)
@@ -408,6 +414,66 @@ def check_flush() -> None:
     print(f"OK flush {RANK}", flush=True)
 
 
+def check_oneliner() -> None:
+    """hvd.DistributedOptimizer(..., compression=htq.TNQSGD(bits=3)), with no bind, trains exactly as
+    htq.DistributedOptimizer does (same parameter names, so the same noise streams)."""
+    nets = [model(), model()]
+    stock = hvd.DistributedOptimizer(torch.optim.SGD(nets[0].parameters(), lr=0.1),
+                                     named_parameters=nets[0].named_parameters(),
+                                     compression=htq.TNQSGD(bits=3, seed=SEED))
+    ours = htq.DistributedOptimizer(torch.optim.SGD(nets[1].parameters(), lr=0.1),
+                                    named_parameters=nets[1].named_parameters(),
+                                    compression=htq.TNQSGD(bits=3, seed=SEED))
+    for step in range(3):
+        sgd_step(stock, nets[0], step)
+        sgd_step(ours, nets[1], step)
+    for a, b in zip(nets[0].parameters(), nets[1].parameters()):
+        assert torch.equal(a, b)
+    assert_identical_across_ranks(nets[0], "oneliner")
+    grouped = model()  # Horovod's grouped path (groups=) calls compress from elsewhere
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(grouped.parameters(), lr=0.1),
+                                   named_parameters=grouped.named_parameters(),
+                                   compression=htq.TNQSGD(bits=3, seed=SEED), groups=2)
+    losses = [sgd_step(opt, grouped, 0) for _ in range(3)]
+    assert losses[-1] < losses[0], losses
+    assert_identical_across_ranks(grouped, "oneliner.groups")
+    print(f"OK oneliner {RANK}", flush=True)
+
+
+def check_sparse() -> None:
+    """A sparse gradient (nn.Embedding(sparse=True)) raises a ValueError naming it on every rank."""
+    torch.manual_seed(0)
+    embedding, head = torch.nn.Embedding(50, 40, sparse=True), torch.nn.Linear(40, 8)
+    params = list(embedding.named_parameters(prefix="embedding")) + list(head.named_parameters(prefix="head"))
+    opt = htq.DistributedOptimizer(torch.optim.SGD([p for _, p in params], lr=0.1), named_parameters=params,
+                                   compression=htq.TNQSGD(bits=3, seed=SEED), min_elements=0)
+    try:
+        torch.nn.functional.cross_entropy(head(embedding(torch.arange(16) % 50)), torch.arange(16) % 8).backward()
+        opt.step()
+    except ValueError as error:
+        assert "parameter 'embedding.weight' has a sparse gradient" in str(error), error
+    else:
+        raise AssertionError("a sparse gradient went through")
+    print(f"OK sparse {RANK}", flush=True)
+
+
+def check_stray() -> None:
+    """Horovod's optimizer over parameters the compressor was not bound to: every rank raises a
+    ValueError at the first step (the same model on every rank fails at the same gradient)."""
+    net = model()
+    named = list(net.named_parameters())
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), named_parameters=named,
+                                   compression=htq.TNQSGD(bits=3, seed=SEED).bind(named[:2], min_elements=0,
+                                                                                   exchange="allgather"))
+    try:
+        sgd_step(opt, net, 0)
+    except ValueError as error:
+        assert "belongs to none of the 2 named parameters" in str(error), error
+    else:
+        raise AssertionError("a gradient of an unbound parameter went through")
+    print(f"OK stray {RANK}", flush=True)
+
+
 def check_train() -> None:
     """A few steps of each scheme on a fixed batch: loss goes down, parameters stay identical."""
     for name, make in RANDOM.items():
@@ -424,7 +490,8 @@ def check_train() -> None:
 CHECKS = {"exact": check_exact, "none": check_none_matches_horovod, "stock": check_stock_optimizer_same_as_ours,
           "bytes": check_bytes, "features": check_features, "process_set": check_process_set,
           "mismatch": check_mismatch, "train": check_train, "order": check_order,
-          "two-phase": check_two_phase, "flush": check_flush,
+          "two-phase": check_two_phase, "flush": check_flush, "oneliner": check_oneliner, "sparse": check_sparse,
+          "stray": check_stray,
           "exact-short": lambda: check_exact(("tnqsgd", "qsgd"), ("mean",))}
 
 for scenario in scenarios:
