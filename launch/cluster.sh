@@ -96,7 +96,9 @@ for rate in $RATES; do
         name="$rate-w$ranks-$compressor-b$bits-$exchange${bucket:+-$bucket}-r$repeat"
         if [ "${RESUME:-0}" = 1 ] && [ -s "$OUT/$name.json" ]; then echo "==> [cluster] $name: kept"; continue; fi
         echo "==> [cluster] $name"
-        timeout 1200 mpirun --allow-run-as-root --oversubscribe -bind-to none \
+        # rtc_hwloc_vmhole none: Open MPI 4.1's daemon otherwise maps a shared hwloc topology at an
+        # address that is sometimes taken, and dies with a segfault before any rank starts.
+        timeout 1200 mpirun --allow-run-as-root --oversubscribe -bind-to none --mca rtc_hwloc_vmhole none \
           --mca plm_rsh_agent "$WORK/agent" --mca routed direct --mca pml ob1 --mca btl tcp,self \
           --mca btl_tcp_if_include 10.77.0.0/24 --mca oob_tcp_if_include 10.77.0.0/24 \
           -H "hn1:$per_node,hn2:$per_node" -np "$ranks" -x PYTHONUNBUFFERED -x HOROVOD_TRUNCQ_COMPILE \

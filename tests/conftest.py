@@ -19,8 +19,10 @@ os.environ.setdefault("HOROVOD_TRUNCQ_COMPILE", "0")
 
 
 def horovod_env(**extra: str) -> dict[str, str]:
+    # OMPI_MCA_rtc_hwloc_vmhole: see launch/cluster.sh (an intermittent segfault of Open MPI 4.1's launcher)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-               OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMPI_MCA_rmaps_base_oversubscribe="1")
+               OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMPI_MCA_rmaps_base_oversubscribe="1",
+               OMPI_MCA_rtc_hwloc_vmhole="none")
     env.update(extra)
     return env
 
