@@ -29,7 +29,6 @@ class Laplace:
 
     id = 1
     name = "laplace"
-    num_params = 1
 
     @staticmethod
     def fit(x: torch.Tensor, mean_abs: torch.Tensor) -> torch.Tensor:
@@ -68,7 +67,6 @@ class PowerLaw:
 
     id = 2
     name = "powerlaw"
-    num_params = 2
     quantile = 0.9
     RHO_MIN = 3.1
     RHO_MAX = 50.0
