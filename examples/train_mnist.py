@@ -33,8 +33,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--bits", default="3", help="comma list of bits per coordinate (ignored by none, fp16)")
     p.add_argument("--tail", default=None, choices=["laplace", "powerlaw"], help="tail model (default: the scheme's)")
     p.add_argument("--bucket-size", type=int, default=None, help="QSGD/NQSGD bucket size (default: whole tensor)")
-    p.add_argument("--exchange", default="two-phase", choices=["two-phase", "allgather"],
+    p.add_argument("--exchange", default="two-phase", choices=["two-phase", "node-aware", "allgather"],
                    help="how quantized gradients move between ranks")
+    p.add_argument("--error-feedback", default="off", help="comma list of off, on (runs each)")
     p.add_argument("--model", default="cnn", choices=["cnn", "mlp"])
     p.add_argument("--steps", type=int, default=300, help="optimizer steps per run")
     p.add_argument("--epochs", type=float, default=None, help="train this many epochs of each shard instead of --steps")
@@ -117,7 +118,7 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[
 
 
 # ---------------------------------------------------------------- one run
-def train(args, data_name: str, data, compressor: str, bits: int, seed: int) -> dict:
+def train(args, data_name: str, data, compressor: str, bits: int, seed: int, feedback: bool) -> dict:
     train_x, train_y, test_x, test_y = data
     rank, size = hvd.rank(), hvd.size()
     shard = torch.arange(rank, len(train_x), size)
@@ -129,12 +130,13 @@ def train(args, data_name: str, data, compressor: str, bits: int, seed: int) -> 
     optimizer = htq.DistributedOptimizer(
         torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay),
         named_parameters=model.named_parameters(), compression=compression,
-        **({"exchange": args.exchange} if quantized else {}))
+        **({"exchange": args.exchange, "error_feedback": feedback} if quantized else {}))
     numel = sum(p.numel() for p in model.parameters())
     sampler = torch.Generator().manual_seed(seed * 1000 + rank)
-    label = compressor if compressor in ("none", "fp16") else f"{compressor} b={bits}"
+    label = compressor if compressor in ("none", "fp16") else f"{compressor} b={bits}{' ef' if feedback else ''}"
     record = {"config": {**vars(args), "compressor": compressor, "bits": bits if quantized else None,
                          "exchange": args.exchange if quantized else None,
+                         "error_feedback": feedback if quantized else None,
                          "tail": getattr(getattr(compression, "tail", None), "name", None), "seed": seed,
                          "workers": size, "data": data_name, "steps": steps, "parameters": numel},
               "evaluations": []}
@@ -177,16 +179,24 @@ def main() -> None:
         raise SystemExit(f"unknown compressor(s) {sorted(unknown)}; choose from {', '.join(COMPRESSORS)}")
     data_name, data = load_data(args)
     out_dir = Path(args.out_dir)
+    feedbacks = args.error_feedback.split(",")
+    if not set(feedbacks) <= {"off", "on"}:
+        raise SystemExit(f"--error-feedback takes a comma list of off, on; got {args.error_feedback!r}")
     runs = []
-    for compressor, bits, seed in itertools.product(compressors, args.bits.split(","), args.seed.split(",")):
-        if compressor in ("none", "fp16") and (compressor, seed) in {(c, s) for c, _, s in runs}:
-            continue  # bits do not apply
-        runs.append((compressor, bits, seed))
-    for compressor, bits, seed in runs:
-        record = train(args, data_name, data, compressor, int(bits), int(seed))
+    for compressor, bits, feedback, seed in itertools.product(compressors, args.bits.split(","), feedbacks,
+                                                                args.seed.split(",")):
+        if compressor in ("none", "fp16"):
+            if (compressor, seed) in {(c, s) for c, _, _, s in runs}:
+                continue  # bits and error feedback do not apply
+        elif int(bits) < htq.SCHEMES[compressor].min_bits:
+            continue  # e.g. QSGD needs 2 bits: a sign and a magnitude
+        runs.append((compressor, bits, feedback, seed))
+    for compressor, bits, feedback, seed in runs:
+        record = train(args, data_name, data, compressor, int(bits), int(seed), feedback == "on")
         if hvd.rank() == 0:
             out_dir.mkdir(parents=True, exist_ok=True)
-            tag = compressor if compressor in ("none", "fp16") else f"{compressor}-b{bits}"
+            tag = compressor if compressor in ("none", "fp16") else \
+                f"{compressor}-b{bits}{'-ef' if feedback == 'on' else ''}"
             path = out_dir / f"{tag}-s{seed}.json"
             path.write_text(json.dumps(record, indent=1))
             print(f"[{tag} seed={seed}] final test accuracy {record['final_accuracy']:.4f}, "

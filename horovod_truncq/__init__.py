@@ -18,7 +18,7 @@ def __getattr__(name: str):
     if name == "ExchangeCompressor":
         from .compressor import ExchangeCompressor
         return ExchangeCompressor
-    if name in ("AllgatherExchange", "TwoPhaseExchange"):
+    if name in ("AllgatherExchange", "TwoPhaseExchange", "NodeAwareExchange"):
         from . import exchange
         return getattr(exchange, name)
     raise AttributeError(f"module 'horovod_truncq' has no attribute {name!r}")
@@ -26,5 +26,5 @@ def __getattr__(name: str):
 __version__ = "0.1.0"
 
 __all__ = ["TUQSGD", "TNQSGD", "TBQSGD", "QSGD", "NQSGD", "Quantizer", "SCHEMES", "DistributedOptimizer",
-           "ExchangeCompressor", "AllgatherExchange", "TwoPhaseExchange", "Traffic", "TrafficCounter",
+           "ExchangeCompressor", "AllgatherExchange", "TwoPhaseExchange", "NodeAwareExchange", "Traffic", "TrafficCounter",
            "pack", "unpack", "packed_size", "__version__"]

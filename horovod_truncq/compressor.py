@@ -13,11 +13,15 @@ under Sum, for k ranks. Any other reduction is refused.
 Before the first gradient leaves, the ranks compare their settings (scheme, bits, exchange,
 min_elements, the quantized parameters and their sizes) with one small allgather: a disagreement
 raises the same ValueError on every rank instead of pairing collectives that do not match.
+
+`state_dict()` holds what a resumed run needs to continue exactly: the rounding-noise step of every
+stream and, with error feedback, the residuals. Both belong to this rank.
 """
 from __future__ import annotations
 
 import hashlib
 import itertools
+import logging
 import math
 from dataclasses import dataclass
 from typing import Iterable, Optional, Union
@@ -25,20 +29,22 @@ from typing import Iterable, Optional, Union
 import horovod.torch as hvd
 import torch
 
-from .exchange import AllgatherExchange, Exchange, TwoPhaseExchange, Waiter
+from .feedback import ErrorFeedback
+from .exchange import AllgatherExchange, Exchange, NodeAwareExchange, TwoPhaseExchange, Waiter
 from .quantizers import Quantizer
 from .traffic import TrafficCounter, ring_allreduce_bytes
 
 DEFAULT_MIN_ELEMENTS = 1024
 PLACEHOLDER_BYTES = 4
-EXCHANGES = {"allgather": AllgatherExchange, "two-phase": TwoPhaseExchange}
+EXCHANGES = {"allgather": AllgatherExchange, "two-phase": TwoPhaseExchange, "node-aware": NodeAwareExchange}
 DEFAULT_EXCHANGE = "two-phase"
 _DESCRIPTION_BYTES = 512
 _compressor_ids = itertools.count()
+log = logging.getLogger("horovod_truncq")
 
 
 def make_exchange(exchange: Union[str, Exchange, None]) -> Exchange:
-    """An exchange from its name ("allgather", "two-phase"), an instance, or None for the default."""
+    """An exchange from its name (see EXCHANGES), an instance, or None for the default."""
     if exchange is None:
         exchange = DEFAULT_EXCHANGE
     if isinstance(exchange, str):
@@ -71,13 +77,19 @@ class ExchangeCompressor:
         process_set: the optimizer's process set; results are averaged over its size.
         min_elements: tensors with fewer elements (biases, norms) go through Horovod's ordinary fp32
             allreduce: their payload header would cost more than it saves. Default 1024.
-        exchange: how payloads move: "two-phase" (default), "allgather", or an Exchange instance
-            such as TwoPhaseExchange(bucket_bytes=..., second_bits=...).
+        exchange: how payloads move: "two-phase" (default), "node-aware" (several ranks per node),
+            "allgather", or an Exchange instance such as TwoPhaseExchange(bucket_bytes=...,
+            second_bits=...) or NodeAwareExchange(ranks_per_node=...).
+        error_feedback: add to each quantized input what the quantizer dropped from it last step
+            (feedback.py). Residuals on the gradient's device: 4 bytes per quantized element
+            (node-aware: 4 per element / ranks per node), plus 4 per owned element (1/W of them)
+            under two-phase and node-aware. Default off.
     """
 
     def __init__(self, quantizer: Quantizer, named_parameters: Iterable[tuple[str, torch.nn.Parameter]],
                  process_set: hvd.ProcessSet = hvd.global_process_set,
-                 min_elements: int = DEFAULT_MIN_ELEMENTS, exchange: Union[str, Exchange, None] = None) -> None:
+                 min_elements: int = DEFAULT_MIN_ELEMENTS, exchange: Union[str, Exchange, None] = None,
+                 error_feedback: bool = False) -> None:
         if not isinstance(quantizer, Quantizer):
             raise TypeError(f"quantizer must be a horovod_truncq Quantizer, got {type(quantizer).__name__}")
         named = list(named_parameters)
@@ -89,6 +101,8 @@ class ExchangeCompressor:
             raise ValueError(f"named_parameters repeats the names {repeated}: every parameter needs a name of its own")
         if isinstance(min_elements, bool) or not isinstance(min_elements, int) or min_elements < 0:
             raise ValueError(f"min_elements must be an int >= 0, got {min_elements!r}")
+        if not isinstance(error_feedback, bool):
+            raise ValueError(f"error_feedback must be True or False, got {error_feedback!r}")
         self.quantizer = quantizer.for_rank(hvd.rank())
         self.process_set = process_set
         self.min_elements = min_elements
@@ -97,7 +111,8 @@ class ExchangeCompressor:
         # Gradients usually become ready in the reverse order of registration: buckets follow it.
         self._quantized = [(name, p.numel()) for name, p in reversed(named)
                            if p.is_floating_point() and p.numel() >= min_elements]
-        self.exchange.prepare(self._quantized, process_set, self.traffic)
+        self.feedback = ErrorFeedback() if error_feedback else None
+        self.exchange.prepare(self._quantized, process_set, self.traffic, self.feedback)
         self._id = next(_compressor_ids)
         self._agreed = False
         self._last_name = ""
@@ -105,7 +120,28 @@ class ExchangeCompressor:
 
     def __repr__(self) -> str:
         return (f"ExchangeCompressor({self.quantizer!r}, exchange={self.exchange!r}, "
-                f"min_elements={self.min_elements}, parameters={len(self.parameters)})")
+                f"min_elements={self.min_elements}, error_feedback={self.feedback is not None}, "
+                f"parameters={len(self.parameters)})")
+
+    def state_dict(self) -> dict:
+        """This rank's state: noise steps and residuals (empty without error feedback)."""
+        return {"rank": self.quantizer.rank, "steps": dict(self.quantizer._steps),
+                "residuals": self.feedback.state_dict() if self.feedback is not None else {}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()`. Residuals saved by another rank (a checkpoint written by rank 0 and
+        loaded everywhere) are not this rank's: they are dropped, with a warning, and restart at zero."""
+        self.quantizer._steps.clear()  # the dict the second quantizer of an exchange shares
+        self.quantizer._steps.update(state["steps"])
+        if self.feedback is None:
+            return
+        if state["rank"] != self.quantizer.rank:
+            log.warning("horovod_truncq: rank %d loaded the error-feedback residuals of rank %d; they are "
+                        "dropped and restart at zero (save every rank's optimizer.state_dict() to resume "
+                        "exactly)", self.quantizer.rank, state["rank"])
+            self.feedback.load_state_dict({})
+        else:
+            self.feedback.load_state_dict(state["residuals"])
 
     def _agree(self) -> None:
         """Raise the same ValueError on every rank of the process set if their settings differ."""

@@ -1,4 +1,4 @@
-"""How quantized gradients move between ranks: two strategies behind one interface.
+"""How quantized gradients move between ranks: three strategies behind one interface.
 
 An exchange is prepared once with the (name, numel) of the gradients it will carry, in the order
 they usually become ready, then takes one rank's gradient at a time (`submit`, from the backward
@@ -12,29 +12,53 @@ knows this interface.
   owns chunk r. Phase 1: one alltoall sends chunk r of every rank to rank r, which sums the W
   contributions in float32. Phase 2: the owner re-quantizes its sum and one allgather delivers every
   reduced chunk to every rank. A rank receives about 2 (W - 1)/W b/8 bytes per element at any W.
+- NodeAwareExchange: the two-phase exchange arranged by node: float32 sums inside a node, the
+  quantized two-phase exchange between nodes on 1/N of the bucket per rank, payloads shared inside
+  the node. A node's link carries N times less than under TwoPhaseExchange, N ranks per node.
+
+With error feedback (feedback.py), each quantized input first gets last step's residual added:
+per tensor under allgather; per bucket (all W chunks this rank sends; node-aware: this rank's part
+of the node sum) and per owned chunk (the re-quantization) under two-phase and node-aware.
 """
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Protocol, Sequence
 
 import horovod.torch as hvd
 import torch
 
+from .feedback import ErrorFeedback
 from .packing import BLOCK
 from .quantizers import Quantizer
 from .traffic import TrafficCounter, gather_bytes
 
 Waiter = Callable[[], torch.Tensor]
 DEFAULT_BUCKET_BYTES = 25 * 2 ** 20  # of float32 gradient, as DDP's default bucket
+log = logging.getLogger("horovod_truncq")
+
+
+def _encode_with_feedback(quantizer: Quantizer, rows: torch.Tensor, name: str,
+                          feedback: Optional[ErrorFeedback]) -> torch.Tensor:
+    """Payloads of `rows` under the noise stream `name`; with error feedback, of rows plus the residual
+    kept under `name`, keeping the new residual."""
+    if feedback is None:
+        return quantizer.encode_rows(rows, name=name)
+    x = feedback.corrected(name, rows.float())
+    payloads = quantizer.encode_rows(x, name=name)
+    feedback.update(name, x, quantizer.dequantize_own(payloads, x.shape[1]))
+    return payloads
 
 
 class Exchange(Protocol):
     name: str
 
-    def prepare(self, sizes: Sequence[tuple[str, int]], process_set: hvd.ProcessSet, traffic: TrafficCounter) -> None:
-        """Called once before the first submit, with the quantized gradients' (name, numel)."""
+    def prepare(self, sizes: Sequence[tuple[str, int]], process_set: hvd.ProcessSet, traffic: TrafficCounter,
+                feedback: Optional[ErrorFeedback] = None) -> None:
+        """Called once before the first submit, with the quantized gradients' (name, numel), and the
+        residuals to keep when error feedback is on."""
 
     def submit(self, tensor: torch.Tensor, quantizer: Quantizer, name: str) -> Waiter:
         """Start sending `tensor`; the returned callable blocks and returns the float32 sum over ranks
@@ -50,11 +74,12 @@ class AllgatherExchange:
     def __repr__(self) -> str:
         return "AllgatherExchange()"
 
-    def prepare(self, sizes: Sequence[tuple[str, int]], process_set: hvd.ProcessSet, traffic: TrafficCounter) -> None:
-        self._process_set, self._traffic = process_set, traffic
+    def prepare(self, sizes: Sequence[tuple[str, int]], process_set: hvd.ProcessSet, traffic: TrafficCounter,
+                feedback: Optional[ErrorFeedback] = None) -> None:
+        self._process_set, self._traffic, self._feedback = process_set, traffic, feedback
 
     def submit(self, tensor: torch.Tensor, quantizer: Quantizer, name: str) -> Waiter:
-        payload = quantizer.encode(tensor, name=name)
+        payload = _encode_with_feedback(quantizer, tensor.reshape(1, -1), name, self._feedback)[0]
         handle = hvd.allgather_async(payload, name=f"truncq.allgather.{name}", process_set=self._process_set)
         numel, size, ranks = tensor.numel(), payload.numel(), self._process_set.size()
         self._traffic.add_transfer(gather_bytes(size, ranks))
@@ -84,8 +109,8 @@ class _Bucket:
     staged: dict[str, torch.Tensor] = field(default_factory=dict)  # until copied into the bucket
     arrived: set[str] = field(default_factory=set)
     waiting: int = 0                # waiters of this step that have not taken their slice
-    scatter: Optional[int] = None   # phase 1 handle (alltoall)
-    gather: Optional[int] = None    # phase 2 handle (allgather)
+    started: bool = False           # its first collective went out this step
+    handle: Optional[int] = None    # the collective in flight
     result: Optional[torch.Tensor] = None
 
 
@@ -125,10 +150,11 @@ class TwoPhaseExchange:
         self._device = torch.device("cpu")
 
     def __repr__(self) -> str:
-        return f"TwoPhaseExchange(bucket_bytes={self.bucket_bytes}, second_bits={self.second_bits})"
+        return f"{type(self).__name__}(bucket_bytes={self.bucket_bytes}, second_bits={self.second_bits})"
 
-    def prepare(self, sizes: Sequence[tuple[str, int]], process_set: hvd.ProcessSet, traffic: TrafficCounter) -> None:
-        self._process_set, self._traffic = process_set, traffic
+    def prepare(self, sizes: Sequence[tuple[str, int]], process_set: hvd.ProcessSet, traffic: TrafficCounter,
+                feedback: Optional[ErrorFeedback] = None) -> None:
+        self._process_set, self._traffic, self._feedback = process_set, traffic, feedback
         slots: dict[str, tuple[int, int]] = {}
         total = 0
         for index, (name, numel) in enumerate(sizes):
@@ -143,7 +169,7 @@ class TwoPhaseExchange:
     def submit(self, tensor: torch.Tensor, quantizer: Quantizer, name: str) -> Waiter:
         bucket = self._bucket_of.get(name)
         if bucket is None:
-            raise ValueError(f"parameter {name!r} was not among the gradients the two-phase exchange was prepared for")
+            raise ValueError(f"parameter {name!r} was not among the gradients the {self.name} exchange was prepared for")
         if self._draining:  # the previous step's waits are over: a new step begins
             self._new_step()
         if name in bucket.arrived:
@@ -156,62 +182,84 @@ class TwoPhaseExchange:
         bucket.waiting += 1
         self._device = tensor.device
         if len(bucket.arrived) == len(bucket.slots):
-            self._scatter(bucket)
+            self._launch(bucket)
         return functools.partial(self._wait, bucket, name)
 
     def _new_step(self) -> None:
         self._draining = False
         for bucket in self._buckets:
             bucket.staged, bucket.arrived, bucket.waiting = {}, set(), 0
-            bucket.scatter, bucket.gather, bucket.result = None, None, None
+            bucket.started, bucket.handle, bucket.result = False, None, None
 
     def _chunk(self, bucket: _Bucket) -> int:
         """Elements per owner: the bucket split in W equal chunks of whole 32-code blocks."""
         ranks = self._process_set.size()
         return -(-bucket.numel // (ranks * BLOCK)) * BLOCK
 
-    def _scatter(self, bucket: _Bucket) -> None:
-        """Phase 1: quantize the W chunks of this rank's bucket (one threshold each) and alltoall them.
-        Gradients that did not arrive this step count as zeros."""
-        ranks, device = self._process_set.size(), self._device
+    def _flat(self, bucket: _Bucket) -> torch.Tensor:
+        """This rank's bucket as one float32 vector padded to W chunks; gradients that did not arrive
+        this step count as zeros. Frees the staged gradients (they need not outlive the backward pass)."""
+        device = self._device
         parts = [bucket.staged[name].reshape(-1).float() if name in bucket.staged
                  else torch.zeros(numel, device=device) for name, (_, numel) in bucket.slots.items()]
-        parts.append(torch.zeros(ranks * self._chunk(bucket) - bucket.numel, device=device))
-        chunks = torch.cat(parts).view(ranks, -1)
-        bucket.staged = {}  # copied: the gradients need not outlive the backward pass
-        payloads = self._quantizer.encode_rows(chunks, name=f"{bucket.name}.scatter")
-        bucket.scatter = hvd.alltoall_async(payloads, name=f"truncq.two-phase.{bucket.name}.scatter",
-                                            process_set=self._process_set)
+        parts.append(torch.zeros(self._process_set.size() * self._chunk(bucket) - bucket.numel, device=device))
+        bucket.staged = {}
+        return torch.cat(parts)
+
+    def _launch(self, bucket: _Bucket) -> None:
+        bucket.started = True
+        self._start(bucket)
+
+    def _start(self, bucket: _Bucket) -> None:
+        """Phase 1: quantize the W chunks of this rank's bucket (one threshold each) and alltoall them."""
+        ranks = self._process_set.size()
+        chunks = self._flat(bucket).view(ranks, -1)
+        payloads = _encode_with_feedback(self._quantizer, chunks, f"{bucket.name}.scatter", self._feedback)
+        bucket.handle = hvd.alltoall_async(payloads, name=f"truncq.{self.name}.{bucket.name}.scatter",
+                                           process_set=self._process_set)
         self._traffic.add_transfer(gather_bytes(payloads.shape[1], ranks))
+
+    def _stages(self) -> tuple[Callable[[_Bucket], None], ...]:
+        """What the first wait of a step runs over every bucket, one stage after the other."""
+        return (self._reduce,)
+
+    def _decode_reduced(self, quantizer: Quantizer, received: torch.Tensor, bucket: _Bucket) -> torch.Tensor:
+        try:
+            return quantizer.decode_sum(received, (self._chunk(bucket),))
+        except ValueError as error:
+            raise ValueError(f"bucket {bucket.name!r}: a rank's chunk does not match {quantizer!r} (payload i "
+                             f"is rank i of the process set; ranks disagree on the settings?): {error}") from error
+
+    def _requantize(self, reduced: torch.Tensor, bucket: _Bucket) -> torch.Tensor:
+        """The owner's payload of its reduced chunk."""
+        return _encode_with_feedback(self._second, reduced.view(1, -1), f"{bucket.name}.gather", self._feedback)
 
     def _reduce(self, bucket: _Bucket) -> None:
         """End of phase 1 and start of phase 2: sum the W contributions to this rank's chunk,
         re-quantize the sum, allgather it."""
-        received, _ = hvd.synchronize(bucket.scatter)
-        chunk = self._chunk(bucket)
-        try:
-            reduced = self._quantizer.decode_sum(received, (chunk,))
-        except ValueError as error:
-            raise ValueError(f"bucket {bucket.name!r}: a rank's chunk does not match {self._quantizer!r} (payload i "
-                             f"is rank i of the process set; ranks disagree on the settings?): {error}") from error
-        payload = self._second.encode(reduced, name=f"{bucket.name}.gather")
-        bucket.gather = hvd.allgather_async(payload.view(1, -1), name=f"truncq.two-phase.{bucket.name}.gather",
+        received, _ = hvd.synchronize(bucket.handle)
+        payload = self._requantize(self._decode_reduced(self._quantizer, received, bucket), bucket)
+        bucket.handle = hvd.allgather_async(payload, name=f"truncq.{self.name}.{bucket.name}.gather",
                                             process_set=self._process_set)
-        self._traffic.add_transfer(gather_bytes(payload.numel(), self._process_set.size()))
+        self._traffic.add_transfer(gather_bytes(payload.shape[1], self._process_set.size()))
+
+    def _gathered(self, bucket: _Bucket) -> torch.Tensor:
+        """The W reduced chunk payloads, in chunk order."""
+        return hvd.synchronize(bucket.handle)
 
     def _wait(self, bucket: _Bucket, name: str) -> torch.Tensor:
         if not self._draining:
             # First wait of the step: every gradient of the step has been submitted on this rank.
             self._draining = True
             for pending in self._buckets:
-                if pending.scatter is None:
-                    self._scatter(pending)
-            for launched in self._buckets:
-                self._reduce(launched)
+                if not pending.started:
+                    self._launch(pending)
+            for stage in self._stages():
+                for launched in self._buckets:
+                    stage(launched)
         if bucket.result is None:
-            gathered = hvd.synchronize(bucket.gather)
             try:
-                bucket.result = self._second.decode_rows(gathered, self._chunk(bucket)).view(-1)
+                bucket.result = self._second.decode_rows(self._gathered(bucket), self._chunk(bucket)).view(-1)
             except ValueError as error:
                 raise ValueError(f"bucket {bucket.name!r}: a reduced chunk does not match {self._second!r}: "
                                  f"{error}") from error
@@ -221,3 +269,133 @@ class TwoPhaseExchange:
         if bucket.waiting == 0:
             bucket.result = None
         return mine
+
+
+class NodeAwareExchange(TwoPhaseExchange):
+    """Two-phase exchange that quantizes only what crosses between nodes.
+
+    With W = M N ranks on M nodes of N ranks, each bucket is cut into N parts of M chunks:
+    1. inside each node, an alltoall in float32 leaves rank p of the node with the node's sum of part p;
+    2. rank p quantizes the M chunks of that part and sends chunk m to rank p of node m (alltoall);
+    3. that owner sums the M node sums of its chunk, re-quantizes it and returns it to rank p of
+       every node (alltoall);
+    4. inside each node, every rank passes the M payloads it holds to every other (alltoall).
+    A node's link then carries about 2 (M - 1)/M b/8 bytes per element in each direction, N times
+    less than the flat two-phase exchange; the intra-node steps move float32 (and the final
+    payloads) over the node's own fast paths. Every rank decodes the same W payloads, so replicas stay
+    bit-identical. Every collective is an alltoall with per-rank splits on the given process set, so
+    no extra process sets are needed.
+
+    Args:
+        bucket_bytes, second_bits: as for TwoPhaseExchange.
+        ranks_per_node: N, with the ranks of the process set numbered node by node (0..N-1 on the
+            first node, ...). Default: the nodes Horovod found (`hvd.cross_rank()` tells them
+            apart). When nodes hold unequal numbers of ranks of the process set, the exchange runs as
+            the flat two-phase exchange and logs why.
+    With error feedback, a rank keeps one residual for its part of the node sum (n/N elements) and
+    one for its owned chunk (n/W).
+    """
+
+    name = "node-aware"
+
+    def __init__(self, bucket_bytes: int = DEFAULT_BUCKET_BYTES, second_bits: Optional[int] = None,
+                 ranks_per_node: Optional[int] = None) -> None:
+        super().__init__(bucket_bytes, second_bits)
+        if ranks_per_node is not None and (isinstance(ranks_per_node, bool) or not isinstance(ranks_per_node, int)
+                                           or ranks_per_node < 1):
+            raise ValueError(f"ranks_per_node must be an int >= 1 or None, got {ranks_per_node!r}")
+        self.ranks_per_node = ranks_per_node
+        self._nodes: Optional[list[list[int]]] = None  # process-set ranks per node, found on first use
+        self._flat_fallback = False
+
+    def __repr__(self) -> str:
+        return (f"NodeAwareExchange(bucket_bytes={self.bucket_bytes}, second_bits={self.second_bits}, "
+                f"ranks_per_node={self.ranks_per_node})")
+
+    def prepare(self, sizes: Sequence[tuple[str, int]], process_set: hvd.ProcessSet, traffic: TrafficCounter,
+                feedback: Optional[ErrorFeedback] = None) -> None:
+        if self.ranks_per_node is not None and process_set.size() % self.ranks_per_node:
+            raise ValueError(f"ranks_per_node={self.ranks_per_node} does not divide the process set's "
+                             f"{process_set.size()} ranks")
+        super().prepare(sizes, process_set, traffic, feedback)
+
+    def _find_nodes(self) -> None:
+        """The nodes, as lists of process-set ranks; collective, so run on first use (after the
+        compressor's settings check, so that ranks that disagree raise instead of waiting here)."""
+        ranks = self._process_set.size()
+        if self.ranks_per_node is not None:
+            step = self.ranks_per_node
+            self._nodes = [list(range(first, first + step)) for first in range(0, ranks, step)]
+            return
+        mine = torch.tensor([[hvd.cross_rank(), hvd.local_rank()]], dtype=torch.int64)
+        found = hvd.allgather(mine, name="truncq.node-aware.nodes", process_set=self._process_set).tolist()
+        nodes: dict[int, list[int]] = {}
+        for rank, (node, _) in enumerate(found):
+            nodes.setdefault(node, []).append(rank)
+        self._nodes = sorted(nodes.values())
+        local_ranks_distinct = all(len({found[r][1] for r in members}) == len(members) for members in self._nodes)
+        if len({len(members) for members in self._nodes}) > 1 or not local_ranks_distinct:
+            log.warning("horovod_truncq: the node-aware exchange found nodes of unequal sizes %s (or Horovod's "
+                        "cross ranks do not tell nodes apart); it runs as the flat two-phase exchange",
+                        [len(m) for m in self._nodes])
+            self._flat_fallback = True
+
+    def _topology(self) -> tuple[list[int], list[int], int, int]:
+        """(this rank's node, in position order; the ranks at this rank's position on every node, in node
+        order; this rank's position; M)."""
+        me = self._process_set.rank()
+        node = next(members for members in self._nodes if me in members)
+        position = node.index(me)
+        return node, [members[position] for members in self._nodes], position, len(self._nodes)
+
+    def _alltoall(self, rows: torch.Tensor, counts: dict[int, int], bucket: _Bucket, phase: str) -> None:
+        """Send rows (ordered by destination rank) to the ranks in `counts` (rank -> rows); count the bytes."""
+        splits = torch.zeros(self._process_set.size(), dtype=torch.int32)
+        for rank, count in counts.items():
+            splits[rank] = count
+        bucket.handle = hvd.alltoall_async(rows, splits=splits, name=f"truncq.node-aware.{bucket.name}.{phase}",
+                                           process_set=self._process_set)
+        row_bytes = rows[0].numel() * rows.element_size()
+        me = self._process_set.rank()
+        self._traffic.add_transfer(sum(count for rank, count in counts.items() if rank != me) * row_bytes)
+
+    def _start(self, bucket: _Bucket) -> None:
+        if self._nodes is None:
+            self._find_nodes()
+        if self._flat_fallback:
+            return super()._start(bucket)
+        node, _, _, _ = self._topology()
+        parts = self._flat(bucket).view(len(node), -1)  # part p goes to position p of this node
+        self._alltoall(parts, {rank: 1 for rank in node}, bucket, "node-sum")
+
+    def _stages(self) -> tuple[Callable[[_Bucket], None], ...]:
+        if self._flat_fallback:
+            return super()._stages()
+        return (self._scatter_between_nodes, self._reduce_between_nodes, self._gather_in_node)
+
+    def _scatter_between_nodes(self, bucket: _Bucket) -> None:
+        received, _ = hvd.synchronize(bucket.handle)
+        _, peers, _, nodes = self._topology()
+        node_sum = received.sum(dim=0).view(nodes, -1)  # chunk m goes to this position on node m
+        payloads = _encode_with_feedback(self._quantizer, node_sum, f"{bucket.name}.scatter", self._feedback)
+        order = sorted(range(nodes), key=peers.__getitem__)
+        self._alltoall(payloads[order], {rank: 1 for rank in peers}, bucket, "scatter")
+
+    def _reduce_between_nodes(self, bucket: _Bucket) -> None:
+        received, _ = hvd.synchronize(bucket.handle)
+        _, peers, _, nodes = self._topology()
+        payload = self._requantize(self._decode_reduced(self._quantizer, received, bucket), bucket)
+        self._alltoall(payload.expand(nodes, -1).contiguous(), {rank: 1 for rank in peers}, bucket, "gather")
+
+    def _gather_in_node(self, bucket: _Bucket) -> None:
+        received, _ = hvd.synchronize(bucket.handle)  # from the peers, in rank order
+        node, peers, _, nodes = self._topology()
+        by_rank = sorted(range(nodes), key=peers.__getitem__)
+        in_node_order = received[sorted(range(nodes), key=by_rank.__getitem__)]
+        self._alltoall(in_node_order.repeat(len(node), 1), {rank: nodes for rank in node}, bucket, "share")
+
+    def _gathered(self, bucket: _Bucket) -> torch.Tensor:
+        if self._flat_fallback:
+            return super()._gathered(bucket)
+        received, _ = hvd.synchronize(bucket.handle)  # position p's M chunks, p = 0..N-1: chunk order
+        return received

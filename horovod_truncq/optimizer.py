@@ -1,6 +1,7 @@
 """`horovod_truncq.DistributedOptimizer`: Horovod's, with a quantizer wired in as compression."""
 from __future__ import annotations
 
+import functools
 import types
 from typing import Union
 
@@ -11,6 +12,8 @@ from .compressor import DEFAULT_MIN_ELEMENTS, ExchangeCompressor
 from .exchange import Exchange
 from .quantizers import Quantizer
 
+STATE_KEY = "horovod_truncq"
+
 
 def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters=None,
                          compression=hvd.Compression.none, backward_passes_per_step: int = 1,
@@ -18,10 +21,15 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters=None
                          groups=None, sparse_as_dense: bool = False,
                          process_set: hvd.ProcessSet = hvd.global_process_set, *,
                          min_elements: int = DEFAULT_MIN_ELEMENTS,
-                         exchange: Union[str, Exchange, None] = None) -> torch.optim.Optimizer:
+                         exchange: Union[str, Exchange, None] = None,
+                         error_feedback: bool = False) -> torch.optim.Optimizer:
     """hvd.DistributedOptimizer with Horovod's signature; a Quantizer as `compression` is bound to
-    the parameters (see ExchangeCompressor for `min_elements` and `exchange`: "two-phase" by default,
-    or "allgather").
+    the parameters (see ExchangeCompressor for `min_elements`, `exchange` ("two-phase" by default,
+    or "allgather") and `error_feedback`).
+
+    With a quantizer, `state_dict()` also holds the compressor's state under "horovod_truncq" (noise
+    steps, error-feedback residuals: this rank's own), and `load_state_dict` restores it, so a run
+    resumed from every rank's checkpoint continues exactly.
 
     Any other `compression` (hvd.Compression.none, fp16) goes to Horovod untouched. The returned
     optimizer has `.traffic`, the byte counter (None without a quantizer), and its zero_grad takes
@@ -43,7 +51,8 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters=None
         else:
             named_parameters = list(named_parameters)
         compression = ExchangeCompressor(compression, named_parameters, process_set=process_set,
-                                         min_elements=min_elements, exchange=exchange)
+                                         min_elements=min_elements, exchange=exchange,
+                                         error_feedback=error_feedback)
         traffic = compression.traffic
     distributed = hvd.DistributedOptimizer(
         optimizer, named_parameters=named_parameters, compression=compression,
@@ -54,7 +63,21 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters=None
     distributed.zero_grad = types.MethodType(_zero_grad, distributed)
     if traffic is not None:
         distributed._sparse_allreduce_grad_async = types.MethodType(_refuse_sparse, distributed)
+        distributed.state_dict = types.MethodType(functools.partial(_state_dict, compression), distributed)
+        distributed.load_state_dict = types.MethodType(functools.partial(_load_state_dict, compression), distributed)
     return distributed
+
+
+def _state_dict(compressor: ExchangeCompressor, self: torch.optim.Optimizer) -> dict:
+    return {**super(type(self), self).state_dict(), STATE_KEY: compressor.state_dict()}
+
+
+def _load_state_dict(compressor: ExchangeCompressor, self: torch.optim.Optimizer, state_dict: dict) -> None:
+    state_dict = dict(state_dict)
+    compressor_state = state_dict.pop(STATE_KEY, None)
+    super(type(self), self).load_state_dict(state_dict)
+    if compressor_state is not None:
+        compressor.load_state_dict(compressor_state)
 
 
 def _refuse_sparse(self: torch.optim.Optimizer, p: torch.Tensor, name: str):

@@ -93,7 +93,7 @@ class Quantizer:
     def with_bits(self, bits: int) -> "Quantizer":
         """The same scheme and options at another bit width, drawing the same rank's noise streams."""
         twin = type(self)(bits=bits, seed=self._stream_seed, **self._options())
-        twin.rank = self.rank
+        twin.rank, twin._steps = self.rank, self._steps  # one counter per name across widths: no stream reused
         return twin
 
     def _options(self) -> dict:
@@ -173,6 +173,19 @@ class Quantizer:
                               device=payloads.device)
         values = self._dequantize(words, side, numel, total=False)
         return values.view(payloads.shape[0], -1)[:, :numel]
+
+    def dequantize_own(self, payloads: torch.Tensor, numel: int) -> torch.Tensor:
+        """What the receivers of payloads just made by `encode_rows` will decode, as float32
+        (rows, numel), with no validation and so no host read: for error feedback. Rows flagged
+        non-finite come back as NaN."""
+        side_end = wire.HEADER_BYTES + 4 * self.side_info_count(numel)
+        if numel == 0:
+            return torch.zeros(payloads.shape[0], 0, device=payloads.device)
+        side = payloads[:, wire.HEADER_BYTES:side_end].view(torch.float32).contiguous()
+        values = self._dequantize(payloads[:, side_end:].view(torch.int32).contiguous(), side, numel, total=False)
+        values = values.view(payloads.shape[0], -1)[:, :numel]
+        flagged = payloads[:, wire.FLAGS_OFFSET:wire.FLAGS_OFFSET + 1] > 0
+        return torch.where(flagged, float("nan"), values)
 
     def decode(self, payload: torch.Tensor, shape: Shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dequantized tensor of `shape` and `dtype` from one payload (see decode_sum)."""

@@ -49,7 +49,13 @@ def test_mismatched_settings_raise_on_every_rank():
 
 @pytest.mark.parametrize("controller", ["gloo", "mpi"])
 def test_two_phase_four_ranks(controller):
-    checks = ["two-phase", "flush", "bytes", "mismatch"]
+    checks = ["two-phase", "node-aware", "node-aware-found", "flush", "bytes", "mismatch"]
     output = run_ranks(4, [WORKER, *checks], controller=controller, timeout=600)
     for check in checks:
         assert_ok(output, check, 4)
+
+
+def test_error_feedback_four_ranks():
+    output = run_ranks(4, [WORKER, "feedback", "resume"], timeout=600)
+    assert_ok(output, "feedback", 4)
+    assert_ok(output, "resume", 4)

@@ -493,3 +493,30 @@ def test_rows_are_quantized_independently(cls, kwargs):
         assert torch.equal(values, q.decode(payload, (1000,)))
     assert torch.equal(decoded[2], torch.zeros(1000))
     torch.testing.assert_close(q.decode_sum(payloads, (1000,)), decoded.sum(0), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(htq.SCHEMES))
+def test_dequantize_own_is_what_receivers_decode(name):
+    q = htq.SCHEMES[name](bits=3, seed=0)
+    rows = torch.distributions.Laplace(0.0, 1.0).sample((3, 1000))
+    rows[1, 5] = float("nan")
+    payloads = q.encode_rows(rows, name="w")
+    own = q.dequantize_own(payloads, 1000)
+    for r in (0, 2):
+        assert torch.equal(own[r], q.decode(payloads[r], (1000,)))
+    assert torch.isnan(own[1]).all()
+
+
+def test_error_feedback_residuals():
+    from horovod_truncq.feedback import ErrorFeedback
+    feedback = ErrorFeedback()
+    x = torch.tensor([1.0, 2.0, 3.0])
+    assert feedback.corrected("a", x) is x
+    feedback.update("a", x, torch.tensor([0.5, float("nan"), 3.0]))
+    assert torch.equal(feedback.residuals["a"], torch.tensor([0.5, 0.0, 0.0]))  # non-finite restarts at zero
+    assert torch.equal(feedback.corrected("a", x), torch.tensor([1.5, 2.0, 3.0]))
+    restored = ErrorFeedback()
+    restored.load_state_dict(feedback.state_dict())
+    assert torch.equal(restored.corrected("a", x), feedback.corrected("a", x))
+    with pytest.raises(ValueError, match="keep their sizes"):
+        feedback.corrected("a", torch.zeros(4))

@@ -164,13 +164,17 @@ def check_bytes() -> None:
         return header + levels + 4 * 3 * -(-n // 32)
 
     chunk = -(-sum(quantized) // (SIZE * 32)) * 32  # one bucket (default size) in W chunks of whole blocks
+    per_node, nodes = 2, SIZE // 2  # node-aware: float32 parts inside a node, payloads between and inside
     expected = {"allgather": sum((SIZE - 1) * payload(n) for n in quantized) + small,
-                "two-phase": 2 * (SIZE - 1) * payload(chunk) + small}
+                "two-phase": 2 * (SIZE - 1) * payload(chunk) + small,
+                "node-aware": (per_node - 1) * nodes * chunk * 4 + 2 * (nodes - 1) * payload(chunk)
+                + (per_node - 1) * nodes * payload(chunk) + small}
     for exchange, moved in expected.items():
         net = model()
         q = QUANTIZERS["tnqsgd"]()
+        chosen = htq.NodeAwareExchange(ranks_per_node=per_node) if exchange == "node-aware" else exchange
         opt = htq.DistributedOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), named_parameters=net.named_parameters(),
-                                       compression=q, min_elements=300, exchange=exchange)
+                                       compression=q, min_elements=300, exchange=chosen)
         for step in range(2):
             sgd_step(opt, net, step)
             traffic = opt.traffic.take()
@@ -367,16 +371,21 @@ def synchronized_grads(opt, net, step) -> dict[str, torch.Tensor]:
     return grads
 
 
-def check_two_phase() -> None:
-    """8-bit two-phase lands within 5% of plain Horovod's average (and sum), in one bucket and in
-    several, and every rank holds bit-identical gradients and parameters."""
+EXCHANGE_KINDS = {"two-phase": htq.TwoPhaseExchange,
+                  "node-aware": lambda bucket_bytes: htq.NodeAwareExchange(bucket_bytes, ranks_per_node=2),
+                  "node-aware-found": htq.NodeAwareExchange}  # nodes as Horovod sees them (one, here)
+
+
+def check_two_phase(kind: str = "two-phase") -> None:
+    """8-bit two-phase (flat or node-aware) lands within 5% of plain Horovod's average (and sum), in
+    one bucket and in several, and every rank holds bit-identical gradients and parameters."""
     for bucket_bytes in (25 * 2 ** 20, 4096):
         for op in (hvd.Average, hvd.Sum):
             net = model()
             opt = htq.DistributedOptimizer(torch.optim.SGD(net.parameters(), lr=0.1),
                                            named_parameters=net.named_parameters(),
                                            compression=htq.TNQSGD(bits=8, seed=SEED), op=op, min_elements=300,
-                                           exchange=htq.TwoPhaseExchange(bucket_bytes=bucket_bytes))
+                                           exchange=EXCHANGE_KINDS[kind](bucket_bytes))
             for step in range(3):
                 reference = horovod_average(net, step, op)
                 grads = synchronized_grads(opt, net, step)
@@ -384,10 +393,10 @@ def check_two_phase() -> None:
                     error = (g - reference[n]).norm() / reference[n].norm()
                     assert error < 0.05, (bucket_bytes, op, step, n, float(error))
                 flat = torch.cat([g.reshape(-1) for g in grads.values()])
-                gathered = hvd.allgather(flat.reshape(1, -1), name=f"test.two-phase.{bucket_bytes}.{op}.{step}")
+                gathered = hvd.allgather(flat.reshape(1, -1), name=f"test.{kind}.{bucket_bytes}.{op}.{step}")
                 assert torch.equal(gathered, flat.expand_as(gathered)), "replicas differ"
-            assert_identical_across_ranks(net, f"two-phase.{bucket_bytes}.{op}")
-    print(f"OK two-phase {RANK}", flush=True)
+            assert_identical_across_ranks(net, f"{kind}.{bucket_bytes}.{op}")
+    print(f"OK {kind} {RANK}", flush=True)
 
 
 def check_flush() -> None:
@@ -487,11 +496,91 @@ def check_train() -> None:
     print(f"OK train {RANK}", flush=True)
 
 
+def noisy_gradient(rank: int, step: int, numel: int) -> torch.Tensor:
+    """A fixed Laplace mean per rank plus heavy-tailed noise (Student-t, 3 degrees of freedom) per step:
+    the regime where truncation clips part of every step's gradient."""
+    g = torch.Generator().manual_seed(rank)
+    mean = (torch.rand(numel, generator=g) - 0.5).sign() * -0.2 * torch.log1p(-torch.rand(numel, generator=g))
+    g = torch.Generator().manual_seed(10_000 + 1000 * step + rank)
+    return mean + torch.randn(numel, generator=g) / (torch.randn(numel, 3, generator=g).pow(2).sum(1) / 3).sqrt()
+
+
+def check_feedback() -> None:
+    """Over many steps on fixed-mean gradients, the average of the exchanged gradients converges to the
+    average of the true ones with error feedback (residuals stay bounded), and keeps the truncation's
+    bias without it. The true average is computed here from every rank's gradients."""
+    numel, steps = 4096, 400
+    for exchange in ("allgather", "two-phase", "node-aware"):
+        for bits, scheme in ((2, htq.TNQSGD), (1, htq.TUQSGD)):
+            errors = {}
+            for feedback in (False, True):
+                w = torch.nn.Parameter(torch.zeros(numel))
+                chosen = htq.NodeAwareExchange(ranks_per_node=2) if exchange == "node-aware" else exchange
+                opt = htq.DistributedOptimizer(torch.optim.SGD([w], lr=0.0), named_parameters=[("w", w)],
+                                               compression=scheme(bits=bits, seed=SEED), exchange=chosen,
+                                               error_feedback=feedback)
+                exchanged, true, norms = torch.zeros(numel), torch.zeros(numel), []
+                for step in range(steps):
+                    opt.zero_grad()
+                    (w * noisy_gradient(RANK, step, numel)).sum().backward()
+                    opt.step()
+                    exchanged += w.grad
+                    true += sum(noisy_gradient(r, step, numel) for r in range(SIZE)) / SIZE
+                    if feedback:
+                        norms.append(max(float(r.norm()) for r in opt._compression.feedback.residuals.values()))
+                errors[feedback] = float((exchanged - true).norm() / true.norm())
+                if feedback:
+                    quarter = steps // 4
+                    assert max(norms[-quarter:]) < 3 * max(norms[:quarter]), (exchange, scheme, "residual grows")
+            assert errors[True] < 0.1 and errors[False] > 0.15 and errors[True] < errors[False] / 3, \
+                (exchange, scheme.__name__, bits, errors)
+            if RANK == 0:
+                print(f"feedback {exchange} {scheme.__name__} {bits} bits: relative error of the average "
+                      f"{errors[False]:.3f} without, {errors[True]:.3f} with", flush=True)
+    print(f"OK feedback {RANK}", flush=True)
+
+
+def check_resume() -> None:
+    """A run resumed from every rank's optimizer.state_dict() (momentum, noise steps, residuals of
+    both quantizations) continues bit for bit like the run that was not interrupted. Every tensor is
+    quantized: Horovod's fused fp32 allreduce of the small ones need not sum in the same order twice."""
+    for exchange in ("allgather", "two-phase", "node-aware"):
+        def make(net):
+            chosen = exchange if exchange == "allgather" else EXCHANGE_KINDS[exchange](4096)
+            return htq.DistributedOptimizer(torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9),
+                                            named_parameters=net.named_parameters(), min_elements=0,
+                                            compression=htq.TNQSGD(bits=2, seed=SEED), exchange=chosen,
+                                            error_feedback=True)
+        net = model()
+        opt = make(net)
+        for step in range(3):
+            sgd_step(opt, net, step)
+        saved_net, saved_opt = copy.deepcopy(net.state_dict()), copy.deepcopy(opt.state_dict())
+        assert saved_opt["horovod_truncq"]["residuals"], "no residuals saved"
+        for step in range(3, 6):
+            sgd_step(opt, net, step)
+        resumed = model()
+        resumed.load_state_dict(saved_net)
+        resumed_opt = make(resumed)
+        resumed_opt.load_state_dict(saved_opt)
+        for step in range(3, 6):
+            sgd_step(resumed_opt, resumed, step)
+        for (name, a), b in zip(net.state_dict().items(), resumed.state_dict().values()):
+            assert torch.equal(a, b), (exchange, name, "resumed run differs")
+    foreign = copy.deepcopy(saved_opt)
+    foreign["horovod_truncq"]["rank"] = (RANK + 1) % SIZE  # another rank's checkpoint: its residuals are dropped
+    resumed_opt.load_state_dict(foreign)
+    assert resumed_opt._compression.feedback.residuals == {}
+    print(f"OK resume {RANK}", flush=True)
+
+
 CHECKS = {"exact": check_exact, "none": check_none_matches_horovod, "stock": check_stock_optimizer_same_as_ours,
           "bytes": check_bytes, "features": check_features, "process_set": check_process_set,
           "mismatch": check_mismatch, "train": check_train, "order": check_order,
           "two-phase": check_two_phase, "flush": check_flush, "oneliner": check_oneliner, "sparse": check_sparse,
-          "stray": check_stray,
+          "stray": check_stray, "feedback": check_feedback, "resume": check_resume,
+          "node-aware": lambda: check_two_phase("node-aware"),
+          "node-aware-found": lambda: check_two_phase("node-aware-found"),
           "exact-short": lambda: check_exact(("tnqsgd", "qsgd"), ("mean",))}
 
 for scenario in scenarios:

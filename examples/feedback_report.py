@@ -1,0 +1,123 @@
+"""The error-feedback experiment's page: final accuracy with and without error feedback, curves, bytes.
+
+    .venv/bin/python examples/feedback_report.py runs/feedback --out docs/feedback --command "bash launch/feedback.sh"
+
+Reads the records of examples/train_mnist.py (runs with --error-feedback off,on) and writes
+OUT/results.md and OUT/accuracy_vs_steps.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from report import COLORS, ORDER  # noqa: E402
+
+Key = tuple[str, object, bool]  # compressor, bits (None for fp32), error feedback
+
+
+def load(folder: Path) -> dict[Key, list[dict]]:
+    groups: dict[Key, list[dict]] = defaultdict(list)
+    for path in sorted(folder.glob("*.json")):
+        config = json.loads(path.read_text())["config"]
+        groups[(config["compressor"], config["bits"], bool(config.get("error_feedback")))].append(
+            json.loads(path.read_text()))
+    if not groups:
+        raise SystemExit(f"no records in {folder}")
+    return groups
+
+
+def accuracy(records: list[dict], evaluation: int = -1) -> tuple[float, float]:
+    """Mean and sample standard deviation over seeds, in percent."""
+    values = [100 * r["evaluations"][evaluation]["accuracy"] for r in records]
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def sort_key(key: Key) -> tuple:
+    return key[1] or 0, ORDER.index(key[0]), key[2]
+
+
+def label(key: Key) -> str:
+    if key[1] is None:
+        return "fp32"
+    return f"{key[0]} {key[1]} bits{' + error feedback' if key[2] else ''}"
+
+
+def table(groups: dict[Key, list[dict]]) -> list[str]:
+    early = groups[next(iter(groups))][0]["evaluations"][3]["step"]
+    lines = [f"| configuration | seeds | accuracy % at step {early} | final accuracy % (mean ± std) | "
+             f"bytes received/step/worker | vs fp32 |", "|---|---|---|---|---|---|"]
+    for key in sorted(groups, key=sort_key):
+        records = groups[key]
+        (mean, std), (early_mean, early_std) = accuracy(records), accuracy(records, 3)
+        received = statistics.mean(r["bytes_per_step"]["received"] for r in records)
+        reference = records[0]["bytes_per_step"]["fp32_reference"]
+        lines.append(f"| {label(key)} | {len(records)} | {early_mean:.2f} ± {early_std:.2f} | {mean:.2f} ± {std:.2f} | "
+                     f"{received:,.0f} | {received / reference:.3f} |")
+    return lines
+
+
+def plot(groups: dict[Key, list[dict]], path: Path) -> None:
+    bit_widths = sorted({key[1] for key in groups if key[1] is not None})
+    fig, axes = plt.subplots(1, len(bit_widths), figsize=(6 * len(bit_widths), 4.5), sharey=True, squeeze=False)
+    for axis, bits in zip(axes[0], bit_widths):
+        for key in sorted(groups, key=sort_key):
+            if key[1] not in (bits, None):
+                continue
+            records = groups[key]
+            steps = [e["step"] for e in records[0]["evaluations"]]
+            means = [statistics.mean(100 * r["evaluations"][i]["accuracy"] for r in records) for i in range(len(steps))]
+            style = "--" if key[1] is None else (":" if key[2] else "-")
+            axis.plot(steps, means, style, marker="o", markersize=2, color=COLORS[key[0]], label=label(key))
+        axis.set_title(f"{bits} bits per coordinate (dotted: error feedback)")
+        axis.set_xlabel("step")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    axes[0][0].set_ylabel("test accuracy % (mean over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("records", type=Path)
+    parser.add_argument("--out", type=Path, default=Path("docs/feedback"))
+    parser.add_argument("--command", default="bash launch/feedback.sh")
+    args = parser.parse_args()
+    groups = load(args.records)
+    args.out.mkdir(parents=True, exist_ok=True)
+    plot(groups, args.out / "accuracy_vs_steps.png")
+    config = next(iter(groups.values()))[0]["config"]
+    minutes = sum(r["wall_seconds"] for records in groups.values() for r in records) / 60
+    page = [
+        "# Error feedback at 1 and 2 bits, 8 workers",
+        "",
+        f"{config['workers']} Horovod workers (Gloo) train the example {config['model'].upper()} on {config['data']} "
+        f"for {config['steps']} steps (SGD, learning rate {config['lr']}, momentum {config['momentum']}, batch "
+        f"{config['batch_size']} per worker), exchange {config['exchange']}; QSGD with {config['bucket_size']}-element "
+        f"buckets. Final accuracy on the whole test set; the curves use the first {config['test_size']} test images. "
+        f"Training time of all runs: {minutes:.0f} minutes.",
+        "",
+        "Produced by:",
+        "",
+        f"    {args.command}",
+        "",
+        *table(groups),
+        "",
+        "![test accuracy against steps](accuracy_vs_steps.png)",
+        "",
+    ]
+    (args.out / "results.md").write_text("\n".join(page))
+    print(f"wrote {args.out / 'results.md'} from {sum(len(v) for v in groups.values())} records")
+
+
+if __name__ == "__main__":
+    main()

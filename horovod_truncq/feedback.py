@@ -1,0 +1,42 @@
+"""Error feedback: what the quantizer dropped last step is added to this step's input.
+
+    x_t = g_t + e_t,  e_{t+1} = x_t - Q(x_t)
+
+With truncation the residual carries the clipped tails into later steps, so the decoded gradients
+average to the true ones over time instead of staying biased. One residual per quantized input:
+per tensor under the allgather exchange; per bucket under the two-phase exchange, where the owner of
+a chunk also keeps one for its re-quantization. Residuals take 4 bytes per element, on the
+gradient's device. A non-finite input (NaN or Inf) leaves no residual: it restarts at zero.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class ErrorFeedback:
+    """The residuals of one rank, keyed by the stream names the exchange encodes under."""
+
+    def __init__(self) -> None:
+        self.residuals: dict[str, torch.Tensor] = {}
+
+    def corrected(self, key: str, x: torch.Tensor) -> torch.Tensor:
+        """x plus the residual kept under `key` (x itself the first time)."""
+        residual = self.residuals.get(key)
+        if residual is None:
+            return x
+        if residual.shape != x.shape:
+            raise ValueError(f"error feedback: {key!r} had shape {tuple(residual.shape)} last step and "
+                             f"{tuple(x.shape)} now; the quantized tensors must keep their sizes")
+        return x + residual.to(x.device)
+
+    def update(self, key: str, x: torch.Tensor, sent: torch.Tensor) -> None:
+        """Keep x - sent (the dequantized value that travelled) for the next step."""
+        residual = x - sent
+        self.residuals[key] = torch.where(torch.isfinite(residual), residual, 0.0)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {key: value.clone() for key, value in self.residuals.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Residuals saved by `state_dict`; they move to the gradient's device on first use."""
+        self.residuals = {key: value.to(torch.float32).clone() for key, value in state.items()}
