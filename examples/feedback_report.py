@@ -95,7 +95,7 @@ def main() -> None:
     groups = load(args.records)
     args.out.mkdir(parents=True, exist_ok=True)
     plot(groups, args.out / "accuracy_vs_steps.png")
-    config = next(iter(groups.values()))[0]["config"]
+    config = next(r for records in groups.values() for r in records if r["config"]["exchange"])["config"]
     minutes = sum(r["wall_seconds"] for records in groups.values() for r in records) / 60
     page = [
         "# Error feedback at 1 and 2 bits, 8 workers",

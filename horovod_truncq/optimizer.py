@@ -25,7 +25,7 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters=None
                          error_feedback: bool = False) -> torch.optim.Optimizer:
     """hvd.DistributedOptimizer with Horovod's signature; a Quantizer as `compression` is bound to
     the parameters (see ExchangeCompressor for `min_elements`, `exchange` ("two-phase" by default,
-    or "allgather") and `error_feedback`).
+    "node-aware" or "allgather") and `error_feedback`).
 
     With a quantizer, `state_dict()` also holds the compressor's state under "horovod_truncq" (noise
     steps, error-feedback residuals: this rank's own), and `load_state_dict` restores it, so a run
@@ -63,8 +63,8 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters=None
     distributed.zero_grad = types.MethodType(_zero_grad, distributed)
     if traffic is not None:
         distributed._sparse_allreduce_grad_async = types.MethodType(_refuse_sparse, distributed)
-        distributed.state_dict = types.MethodType(functools.partial(_state_dict, compression), distributed)
-        distributed.load_state_dict = types.MethodType(functools.partial(_load_state_dict, compression), distributed)
+        distributed.state_dict = functools.partial(_state_dict, compression, distributed)
+        distributed.load_state_dict = functools.partial(_load_state_dict, compression, distributed)
     return distributed
 
 

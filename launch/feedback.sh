@@ -2,7 +2,7 @@
 # Error feedback at 1 and 2 bits (docs/results.md, "Error feedback"): 8 workers on Fashion-MNIST,
 # fp32, TNQSGD, TUQSGD (1 bit) and QSGD with 512-element buckets (2 bits: QSGD needs a sign and a
 # magnitude), each with and without error feedback, 3 seeds; then the report.
-#   bash launch/feedback.sh          # 27 runs of 300 steps; about 50 minutes on 2 cores
+#   bash launch/feedback.sh          # 27 runs of 300 steps; 45 minutes of training on 2 cores
 # Environment overrides: SEEDS, STEPS, LR, OUT (records), REPORT (page folder), NP.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
