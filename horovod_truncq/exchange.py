@@ -340,13 +340,12 @@ class NodeAwareExchange(TwoPhaseExchange):
                         [len(m) for m in self._nodes])
             self._flat_fallback = True
 
-    def _topology(self) -> tuple[list[int], list[int], int, int]:
-        """(this rank's node, in position order; the ranks at this rank's position on every node, in node
-        order; this rank's position; M)."""
+    def _topology(self) -> tuple[list[int], list[int]]:
+        """(the ranks of this rank's node, in position order; the ranks at this rank's position on every
+        node, in node order)."""
         me = self._process_set.rank()
         node = next(members for members in self._nodes if me in members)
-        position = node.index(me)
-        return node, [members[position] for members in self._nodes], position, len(self._nodes)
+        return node, [members[node.index(me)] for members in self._nodes]
 
     def _alltoall(self, rows: torch.Tensor, counts: dict[int, int], bucket: _Bucket, phase: str) -> None:
         """Send rows (ordered by destination rank) to the ranks in `counts` (rank -> rows); count the bytes."""
@@ -364,7 +363,7 @@ class NodeAwareExchange(TwoPhaseExchange):
             self._find_nodes()
         if self._flat_fallback:
             return super()._start(bucket)
-        node, _, _, _ = self._topology()
+        node, _ = self._topology()
         parts = self._flat(bucket).view(len(node), -1)  # part p goes to position p of this node
         self._alltoall(parts, {rank: 1 for rank in node}, bucket, "node-sum")
 
@@ -375,24 +374,24 @@ class NodeAwareExchange(TwoPhaseExchange):
 
     def _scatter_between_nodes(self, bucket: _Bucket) -> None:
         received, _ = hvd.synchronize(bucket.handle)
-        _, peers, _, nodes = self._topology()
-        node_sum = received.sum(dim=0).view(nodes, -1)  # chunk m goes to this position on node m
+        _, peers = self._topology()
+        node_sum = received.sum(dim=0).view(len(peers), -1)  # chunk m goes to this position on node m
         payloads = _encode_with_feedback(self._quantizer, node_sum, f"{bucket.name}.scatter", self._feedback)
-        order = sorted(range(nodes), key=peers.__getitem__)
+        order = sorted(range(len(peers)), key=peers.__getitem__)
         self._alltoall(payloads[order], {rank: 1 for rank in peers}, bucket, "scatter")
 
     def _reduce_between_nodes(self, bucket: _Bucket) -> None:
         received, _ = hvd.synchronize(bucket.handle)
-        _, peers, _, nodes = self._topology()
+        _, peers = self._topology()
         payload = self._requantize(self._decode_reduced(self._quantizer, received, bucket), bucket)
-        self._alltoall(payload.expand(nodes, -1).contiguous(), {rank: 1 for rank in peers}, bucket, "gather")
+        self._alltoall(payload.expand(len(peers), -1).contiguous(), {rank: 1 for rank in peers}, bucket, "gather")
 
     def _gather_in_node(self, bucket: _Bucket) -> None:
         received, _ = hvd.synchronize(bucket.handle)  # from the peers, in rank order
-        node, peers, _, nodes = self._topology()
-        by_rank = sorted(range(nodes), key=peers.__getitem__)
-        in_node_order = received[sorted(range(nodes), key=by_rank.__getitem__)]
-        self._alltoall(in_node_order.repeat(len(node), 1), {rank: nodes for rank in node}, bucket, "share")
+        node, peers = self._topology()
+        by_rank = sorted(range(len(peers)), key=peers.__getitem__)  # row i came from node by_rank[i]
+        in_node_order = received[sorted(range(len(peers)), key=by_rank.__getitem__)]
+        self._alltoall(in_node_order.repeat(len(node), 1), {rank: len(peers) for rank in node}, bucket, "share")
 
     def _gathered(self, bucket: _Bucket) -> torch.Tensor:
         if self._flat_fallback:
