@@ -79,7 +79,7 @@ def plot(groups: dict[Key, list[dict]], path: Path) -> None:
         axis.set_title(f"{bits} bits per coordinate (dotted: error feedback)")
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=7)
+        axis.legend(fontsize=7, loc="lower right")
     axes[0][0].set_ylabel("test accuracy % (mean over seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
