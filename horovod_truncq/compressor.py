@@ -29,8 +29,8 @@ from typing import Iterable, Optional, Union
 import horovod.torch as hvd
 import torch
 
-from .feedback import ErrorFeedback
 from .exchange import AllgatherExchange, Exchange, NodeAwareExchange, TwoPhaseExchange, Waiter
+from .feedback import ErrorFeedback
 from .quantizers import Quantizer
 from .traffic import TrafficCounter, ring_allreduce_bytes
 
