@@ -2,7 +2,7 @@
 
     .venv/bin/python examples/feedback_report.py runs/feedback --out docs/feedback --command "bash launch/feedback.sh"
 
-Reads the records of examples/train_mnist.py (runs with --error-feedback off,on) and writes
+Reads the records of examples/train_mnist.py (runs with --error-feedback off,on,0.5) and writes
 OUT/results.md and OUT/accuracy_vs_steps.png.
 """
 from __future__ import annotations
@@ -20,14 +20,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from report import COLORS, ORDER  # noqa: E402
 
-Key = tuple[str, object, bool]  # compressor, bits (None for fp32), error feedback
+Key = tuple[str, object, float]  # compressor, bits (None for fp32), share of the residual kept (0: off)
+STYLES = {0.0: "-", 1.0: ":"}  # any other share: dash-dot
 
 
 def load(folder: Path) -> dict[Key, list[dict]]:
     groups: dict[Key, list[dict]] = defaultdict(list)
     for path in sorted(folder.glob("*.json")):
         config = json.loads(path.read_text())["config"]
-        groups[(config["compressor"], config["bits"], bool(config.get("error_feedback")))].append(
+        groups[(config["compressor"], config["bits"], float(config.get("error_feedback") or 0))].append(
             json.loads(path.read_text()))
     if not groups:
         raise SystemExit(f"no records in {folder}")
@@ -41,13 +42,15 @@ def accuracy(records: list[dict], evaluation: int = -1) -> tuple[float, float]:
 
 
 def sort_key(key: Key) -> tuple:
-    return key[1] or 0, ORDER.index(key[0]), key[2]
+    """By bits, scheme, then without, with and with a decaying error feedback."""
+    return key[1] or 0, ORDER.index(key[0]), key[2] != 0, key[2] != 1
 
 
 def label(key: Key) -> str:
     if key[1] is None:
         return "fp32"
-    return f"{key[0]} {key[1]} bits{' + error feedback' if key[2] else ''}"
+    feedback = "" if not key[2] else " + error feedback" if key[2] == 1 else f" + error feedback ×{key[2]:g}"
+    return f"{key[0]} {key[1]} bits{feedback}"
 
 
 def table(groups: dict[Key, list[dict]]) -> list[str]:
@@ -74,9 +77,9 @@ def plot(groups: dict[Key, list[dict]], path: Path) -> None:
             records = groups[key]
             steps = [e["step"] for e in records[0]["evaluations"]]
             means = [statistics.mean(100 * r["evaluations"][i]["accuracy"] for r in records) for i in range(len(steps))]
-            style = "--" if key[1] is None else (":" if key[2] else "-")
+            style = "--" if key[1] is None else STYLES.get(key[2], "-.")
             axis.plot(steps, means, style, marker="o", markersize=2, color=COLORS[key[0]], label=label(key))
-        axis.set_title(f"{bits} bits per coordinate (dotted: error feedback)")
+        axis.set_title(f"{bits} bits per coordinate (dotted: error feedback, dash-dot: decaying)")
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7, loc="lower right")

@@ -15,6 +15,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Union
 
 import numpy as np
 import torch
@@ -35,7 +36,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--bucket-size", type=int, default=None, help="QSGD/NQSGD bucket size (default: whole tensor)")
     p.add_argument("--exchange", default="two-phase", choices=["two-phase", "node-aware", "allgather"],
                    help="how quantized gradients move between ranks")
-    p.add_argument("--error-feedback", default="off", help="comma list of off, on (runs each)")
+    p.add_argument("--error-feedback", default="off",
+                   help="comma list of off, on, or the share of the residual kept, e.g. 0.5 (runs each)")
     p.add_argument("--model", default="cnn", choices=["cnn", "mlp"])
     p.add_argument("--steps", type=int, default=300, help="optimizer steps per run")
     p.add_argument("--epochs", type=float, default=None, help="train this many epochs of each shard instead of --steps")
@@ -118,7 +120,21 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[
 
 
 # ---------------------------------------------------------------- one run
-def train(args, data_name: str, data, compressor: str, bits: int, seed: int, feedback: bool) -> dict:
+def parse_feedback(text: str) -> Union[bool, float]:
+    """off -> False, on -> True, a number -> the decay (the share of the residual kept)."""
+    if text in ("off", "on"):
+        return text == "on"
+    try:
+        return float(text)
+    except ValueError:
+        raise SystemExit(f"--error-feedback takes a comma list of off, on or numbers in (0, 1]; got {text!r}")
+
+
+def feedback_tag(feedback: Union[bool, float]) -> str:
+    return "" if feedback is False else "-ef" if feedback is True else f"-ef{feedback:g}"
+
+
+def train(args, data_name: str, data, compressor: str, bits: int, seed: int, feedback: Union[bool, float]) -> dict:
     train_x, train_y, test_x, test_y = data
     rank, size = hvd.rank(), hvd.size()
     shard = torch.arange(rank, len(train_x), size)
@@ -133,7 +149,7 @@ def train(args, data_name: str, data, compressor: str, bits: int, seed: int, fee
         **({"exchange": args.exchange, "error_feedback": feedback} if quantized else {}))
     numel = sum(p.numel() for p in model.parameters())
     sampler = torch.Generator().manual_seed(seed * 1000 + rank)
-    label = compressor if compressor in ("none", "fp16") else f"{compressor} b={bits}{' ef' if feedback else ''}"
+    label = compressor if compressor in ("none", "fp16") else f"{compressor} b={bits}{feedback_tag(feedback)}"
     record = {"config": {**vars(args), "compressor": compressor, "bits": bits if quantized else None,
                          "exchange": args.exchange if quantized else None,
                          "error_feedback": feedback if quantized else None,
@@ -179,9 +195,7 @@ def main() -> None:
         raise SystemExit(f"unknown compressor(s) {sorted(unknown)}; choose from {', '.join(COMPRESSORS)}")
     data_name, data = load_data(args)
     out_dir = Path(args.out_dir)
-    feedbacks = args.error_feedback.split(",")
-    if not set(feedbacks) <= {"off", "on"}:
-        raise SystemExit(f"--error-feedback takes a comma list of off, on; got {args.error_feedback!r}")
+    feedbacks = [parse_feedback(text) for text in args.error_feedback.split(",")]
     runs = []
     for compressor, bits, feedback, seed in itertools.product(compressors, args.bits.split(","), feedbacks,
                                                                 args.seed.split(",")):
@@ -192,11 +206,10 @@ def main() -> None:
             continue  # e.g. QSGD needs 2 bits: a sign and a magnitude
         runs.append((compressor, bits, feedback, seed))
     for compressor, bits, feedback, seed in runs:
-        record = train(args, data_name, data, compressor, int(bits), int(seed), feedback == "on")
+        record = train(args, data_name, data, compressor, int(bits), int(seed), feedback)
         if hvd.rank() == 0:
             out_dir.mkdir(parents=True, exist_ok=True)
-            tag = compressor if compressor in ("none", "fp16") else \
-                f"{compressor}-b{bits}{'-ef' if feedback == 'on' else ''}"
+            tag = compressor if compressor in ("none", "fp16") else f"{compressor}-b{bits}{feedback_tag(feedback)}"
             path = out_dir / f"{tag}-s{seed}.json"
             path.write_text(json.dumps(record, indent=1))
             print(f"[{tag} seed={seed}] final test accuracy {record['final_accuracy']:.4f}, "

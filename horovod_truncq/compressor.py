@@ -81,15 +81,17 @@ class ExchangeCompressor:
             "allgather", or an Exchange instance such as TwoPhaseExchange(bucket_bytes=...,
             second_bits=...) or NodeAwareExchange(ranks_per_node=...).
         error_feedback: add to each quantized input what the quantizer dropped from it last step
-            (feedback.py). Residuals on the gradient's device: 4 bytes per quantized element
+            (feedback.py): True for all of it, a float in (0, 1) for that share of it (a decaying
+            residual), False (default) for none. The truncated schemes at 1 bit then send the
+            scaled sign. Residuals on the gradient's device: 4 bytes per quantized element
             (node-aware: 4 per element / ranks per node), plus 4 per owned element (1/W of them)
-            under two-phase and node-aware. Default off.
+            under two-phase and node-aware.
     """
 
     def __init__(self, quantizer: Quantizer, named_parameters: Iterable[tuple[str, torch.nn.Parameter]],
                  process_set: hvd.ProcessSet = hvd.global_process_set,
                  min_elements: int = DEFAULT_MIN_ELEMENTS, exchange: Union[str, Exchange, None] = None,
-                 error_feedback: bool = False) -> None:
+                 error_feedback: Union[bool, float] = False) -> None:
         if not isinstance(quantizer, Quantizer):
             raise TypeError(f"quantizer must be a horovod_truncq Quantizer, got {type(quantizer).__name__}")
         named = list(named_parameters)
@@ -101,9 +103,13 @@ class ExchangeCompressor:
             raise ValueError(f"named_parameters repeats the names {repeated}: every parameter needs a name of its own")
         if isinstance(min_elements, bool) or not isinstance(min_elements, int) or min_elements < 0:
             raise ValueError(f"min_elements must be an int >= 0, got {min_elements!r}")
-        if not isinstance(error_feedback, bool):
-            raise ValueError(f"error_feedback must be True or False, got {error_feedback!r}")
+        if not isinstance(error_feedback, (bool, int, float)) or \
+                not (isinstance(error_feedback, bool) or 0 < error_feedback <= 1):
+            raise ValueError(f"error_feedback must be True, False or the share of the residual kept, in (0, 1]; "
+                             f"got {error_feedback!r}")
         self.quantizer = quantizer.for_rank(hvd.rank())
+        if error_feedback:
+            self.quantizer = self.quantizer.for_error_feedback()
         self.process_set = process_set
         self.min_elements = min_elements
         self.exchange = make_exchange(exchange)
@@ -111,7 +117,7 @@ class ExchangeCompressor:
         # Gradients usually become ready in the reverse order of registration: buckets follow it.
         self._quantized = [(name, p.numel()) for name, p in reversed(named)
                            if p.is_floating_point() and p.numel() >= min_elements]
-        self.feedback = ErrorFeedback() if error_feedback else None
+        self.feedback = ErrorFeedback(float(error_feedback)) if error_feedback else None
         self.exchange.prepare(self._quantized, process_set, self.traffic, self.feedback)
         self._id = next(_compressor_ids)
         self._agreed = False
@@ -120,7 +126,7 @@ class ExchangeCompressor:
 
     def __repr__(self) -> str:
         return (f"ExchangeCompressor({self.quantizer!r}, exchange={self.exchange!r}, "
-                f"min_elements={self.min_elements}, error_feedback={self.feedback is not None}, "
+                f"min_elements={self.min_elements}, error_feedback={self.feedback.decay if self.feedback else False}, "
                 f"parameters={len(self.parameters)})")
 
     def state_dict(self) -> dict:

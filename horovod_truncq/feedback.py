@@ -1,12 +1,17 @@
 """Error feedback: what the quantizer dropped last step is added to this step's input.
 
-    x_t = g_t + e_t,  e_{t+1} = x_t - Q(x_t)
+    x_t = g_t + e_t,  e_{t+1} = decay * (x_t - Q(x_t))
 
 With truncation the residual carries the clipped tails into later steps, so the decoded gradients
 average to the true ones over time instead of staying biased. One residual per quantized input:
 per tensor under the allgather exchange; per bucket under the two-phase exchange, where the owner of
 a chunk also keeps one for its re-quantization. Residuals take 4 bytes per element, on the
 gradient's device. A non-finite input (NaN or Inf) leaves no residual: it restarts at zero.
+
+decay = 1 is the classic rule: nothing is lost, but what truncation clips from the few largest
+elements piles up in their residuals and arrives many steps late, which can destabilise training at
+a high learning rate (docs/results.md, "Error feedback"). decay < 1 forgets a share of the residual
+each step, so nothing waits longer than a few steps, at the price of part of the bias coming back.
 """
 from __future__ import annotations
 
@@ -16,7 +21,8 @@ import torch
 class ErrorFeedback:
     """The residuals of one rank, keyed by the stream names the exchange encodes under."""
 
-    def __init__(self) -> None:
+    def __init__(self, decay: float = 1.0) -> None:
+        self.decay = decay
         self.residuals: dict[str, torch.Tensor] = {}
 
     def corrected(self, key: str, x: torch.Tensor) -> torch.Tensor:
@@ -30,8 +36,8 @@ class ErrorFeedback:
         return x + residual.to(x.device)
 
     def update(self, key: str, x: torch.Tensor, sent: torch.Tensor) -> None:
-        """Keep x - sent (the dequantized value that travelled) for the next step."""
-        residual = x - sent
+        """Keep decay * (x - sent), sent being the dequantized value that travelled, for the next step."""
+        residual = (x - sent) * self.decay if self.decay != 1 else x - sent
         self.residuals[key] = torch.where(torch.isfinite(residual), residual, 0.0)
 
     def state_dict(self) -> dict[str, torch.Tensor]:

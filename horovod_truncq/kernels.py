@@ -77,19 +77,24 @@ def _interval(v: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor, torch
     return index, flat[index + row], flat[index + 1 + row]
 
 
-def _round(v: torch.Tensor, table: torch.Tensor, key: tuple[int, int], start: int) -> torch.Tensor:
+def _round(v: torch.Tensor, table: torch.Tensor, key: tuple[int, int], start: int,
+           stochastic: bool = True) -> torch.Tensor:
     """uint8 codes of stochastic rounding of v to `table`: the upper end of its interval with
     probability (v - lo) / (hi - lo), so E[table[code]] = v. Element i of v (row-major) draws the
-    noise at index start + i."""
+    noise at index start + i. Not `stochastic`: the nearer end (the lower one on a tie)."""
     lower, lo, hi = _interval(v, table)
-    index = torch.arange(v.numel(), dtype=torch.int32, device=v.device).view(v.shape) + start
-    up = noise.uniform(index, key) < (v - lo) / (hi - lo).clamp_min(_TINY)
+    if stochastic:
+        index = torch.arange(v.numel(), dtype=torch.int32, device=v.device).view(v.shape) + start
+        up = noise.uniform(index, key) < (v - lo) / (hi - lo).clamp_min(_TINY)
+    else:
+        up = v > (lo + hi) * 0.5
     return (lower + up.to(torch.int32)).to(torch.uint8)
 
 
-def round_to_levels(x: torch.Tensor, levels: torch.Tensor, key: tuple[int, int], start: int) -> torch.Tensor:
+def round_to_levels(x: torch.Tensor, levels: torch.Tensor, key: tuple[int, int], start: int,
+                    stochastic: bool = True) -> torch.Tensor:
     """uint8 codes of each row of x (rows, n), clamped to [first, last] of its row of levels (rows, L)."""
-    return _round(x.clamp(levels[:, :1], levels[:, -1:]), levels, key, start)
+    return _round(x.clamp(levels[:, :1], levels[:, -1:]), levels, key, start, stochastic)
 
 
 def round_scaled(buckets: torch.Tensor, inverse_norms: torch.Tensor, magnitudes: torch.Tensor,

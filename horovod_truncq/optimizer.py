@@ -22,7 +22,7 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters=None
                          process_set: hvd.ProcessSet = hvd.global_process_set, *,
                          min_elements: int = DEFAULT_MIN_ELEMENTS,
                          exchange: Union[str, Exchange, None] = None,
-                         error_feedback: bool = False) -> torch.optim.Optimizer:
+                         error_feedback: Union[bool, float] = False) -> torch.optim.Optimizer:
     """hvd.DistributedOptimizer with Horovod's signature; a Quantizer as `compression` is bound to
     the parameters (see ExchangeCompressor for `min_elements`, `exchange` ("two-phase" by default,
     "node-aware" or "allgather") and `error_feedback`).

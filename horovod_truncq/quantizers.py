@@ -67,9 +67,10 @@ class Quantizer:
         self._stream_seed = seed if seed is not None else int.from_bytes(os.urandom(8), "little")
         self._steps: dict[str, int] = {}
         self._warned_nonfinite = False
+        self.under_feedback = False
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(bits={self.bits}{self._repr_extra()})"
+        return f"{type(self).__name__}(bits={self.bits}{self._repr_extra()}){' under error feedback' * self.under_feedback}"
 
     def _repr_extra(self) -> str:
         return ""
@@ -94,6 +95,14 @@ class Quantizer:
         """The same scheme and options at another bit width, drawing the same rank's noise streams."""
         twin = type(self)(bits=bits, seed=self._stream_seed, **self._options())
         twin.rank, twin._steps = self.rank, self._steps  # one counter per name across widths: no stream reused
+        twin.under_feedback = self.under_feedback
+        return twin
+
+    def for_error_feedback(self) -> "Quantizer":
+        """The copy that error feedback encodes with, sharing this one's noise streams: the same
+        codec, except that the truncated schemes at 1 bit send the scaled sign (see _Truncated)."""
+        twin = copy.copy(self)
+        twin.under_feedback = True
         return twin
 
     def _options(self) -> dict:
@@ -302,7 +311,14 @@ def _calling_horovod_optimizer():
 
 
 class _Truncated(Quantizer):
-    """Shared by the truncated schemes: fit the tail model, choose a, build the levels, round."""
+    """Shared by the truncated schemes: fit the tail model, choose a, build the levels, round.
+
+    At 1 bit under error feedback the levels are ±mean|x| and each element goes to the nearer one
+    (the scaled sign). Stochastic rounding to ±a puts an error of about a into every small element,
+    and feedback would carry that noise into the next step; the scaled sign is the 1-bit quantizer
+    with the least squared error for any x, ||x - Q(x)||^2 = ||x||^2 - n mean|x|^2, so the residual
+    stays smaller than its input.
+    """
 
     default_tail = "laplace"
     truncated = True
@@ -330,15 +346,22 @@ class _Truncated(Quantizer):
         largest and smallest magnitude."""
         raise NotImplementedError
 
+    @property
+    def scaled_sign(self) -> bool:
+        return self.under_feedback and self.bits == 1
+
     def _levels_and_flag(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Levels (rows, 2^bits) and non-finite flags (rows,) for a (rows, n) float32 tensor."""
         amax, amin, total, nonfinite = kernels.abs_stats_kernel(x.numel(), x).unbind(dim=-1)
+        if self.scaled_sign:
+            return lv.uniform_levels(self._clamp_threshold(total / x.shape[-1], amax, amin), 1), nonfinite > 0
         params = self.tail.fit(x, total / x.shape[-1]).double()
         return self._choose_levels(params, amax, amin), nonfinite > 0
 
     def _encode(self, x: torch.Tensor, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         levels, nonfinite = self._levels_and_flag(x)
-        return levels, kernels.round_to_levels_kernel(x.numel(), x, levels, key, 0), nonfinite
+        codes = kernels.round_to_levels_kernel(x.numel(), x, levels, key, 0, stochastic=not self.scaled_sign)
+        return levels, codes, nonfinite
 
     def _dequantize(self, words: torch.Tensor, side: torch.Tensor, numel: int, total: bool) -> torch.Tensor:
         kernel = kernels.sum_levels_kernel if total else kernels.dequantize_levels_kernel

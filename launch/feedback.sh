@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Error feedback at 1 and 2 bits (docs/results.md, "Error feedback"): 8 workers on Fashion-MNIST,
 # fp32, TNQSGD, TUQSGD (1 bit) and QSGD with 512-element buckets (2 bits: QSGD needs a sign and a
-# magnitude), each with and without error feedback, 3 seeds; then the report.
-#   bash launch/feedback.sh          # 27 runs of 300 steps; 45 minutes of training on 2 cores
+# magnitude), each without error feedback, with it, and with half the residual kept (0.5), 3 seeds;
+# then the report.
+#   bash launch/feedback.sh          # 39 runs of 300 steps; about 65 minutes of training on 2 cores
 # Environment overrides: SEEDS, STEPS, LR, OUT (records), REPORT (page folder), NP.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -20,7 +21,7 @@ train() {
     --seed "$SEEDS" --lr "$LR" --steps "$STEPS" --eval-every 25 --bucket-size 512 --out-dir "$OUT" "$@" \
     2>&1 | grep --line-buffered -v "Warning" | tee -a "$OUT.log"
 }
-train --compressor none,tnqsgd,qsgd --bits 1,2 --error-feedback off,on
-train --compressor tuqsgd --bits 1 --error-feedback off,on
+train --compressor none,tnqsgd,qsgd --bits 1,2 --error-feedback off,on,0.5
+train --compressor tuqsgd --bits 1 --error-feedback off,on,0.5
 echo "==> [feedback] training took $((SECONDS - start)) s"
 .venv/bin/python examples/feedback_report.py "$OUT" --out "$REPORT" --command "bash launch/feedback.sh"

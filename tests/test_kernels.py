@@ -12,8 +12,14 @@ from horovod_truncq import kernels
 
 NUMEL = 3 * kernels.COMPILE_MIN_ELEMENTS + 17  # compiled, and not a whole number of 32-code blocks
 
+def scaled_sign(seed: int) -> htq.Quantizer:
+    """TNQSGD at 1 bit under error feedback: nearest rounding instead of stochastic."""
+    return htq.TNQSGD(bits=1, seed=seed).for_error_feedback()
+
+
 CASES = [
     (htq.TUQSGD, dict(bits=1)),
+    (scaled_sign, {}),
     (htq.TNQSGD, dict(bits=3)),
     (htq.TNQSGD, dict(bits=8, tail="powerlaw")),
     (htq.TBQSGD, dict(bits=2)),

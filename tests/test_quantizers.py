@@ -507,8 +507,35 @@ def test_dequantize_own_is_what_receivers_decode(name):
     assert torch.isnan(own[1]).all()
 
 
+@pytest.mark.parametrize("cls", [htq.TUQSGD, htq.TNQSGD])
+def test_one_bit_under_error_feedback_is_the_scaled_sign(cls):
+    """At 1 bit under error feedback every element becomes mean|x| * sign(x) (a tie at 0 goes to the
+    lower level), whose error has the closed form ||x||^2 - n mean|x|^2 (smaller than ||x||^2)."""
+    q = cls(bits=1, seed=0).for_error_feedback()
+    x = student_t(10_000, seed=3)
+    x[:3] = torch.tensor([0.0, 1e-30, -1e-30])
+    a = x.double().abs().mean().float()
+    decoded = q.decode(q.encode(x, name="w"), x.shape)
+    assert torch.equal(decoded, torch.where(x > 0, a, -a))
+    error, energy = float((x.double() - decoded.double()).square().sum()), float(x.double().square().sum())
+    assert error == pytest.approx(energy - x.numel() * float(a) ** 2, rel=1e-6) and error < energy
+    assert torch.equal(q.decode(q.encode(torch.full((50,), -2.5)), (50,)), torch.full((50,), -2.5))
+    assert torch.equal(q.decode(q.encode(torch.zeros(50)), (50,)), torch.zeros(50))
+    assert "under error feedback" in repr(q) and q.with_bits(1).scaled_sign
+
+
+@pytest.mark.parametrize("cls", [htq.TUQSGD, htq.TNQSGD, htq.TBQSGD, htq.QSGD])
+def test_error_feedback_keeps_stochastic_rounding_from_two_bits(cls):
+    q = cls(bits=2, seed=0)
+    x = student_t(4096, seed=5)
+    assert torch.equal(q.encode(x, name="w", step=3), q.for_error_feedback().encode(x, name="w", step=3))
+
+
 def test_error_feedback_residuals():
     from horovod_truncq.feedback import ErrorFeedback
+    decayed = ErrorFeedback(decay=0.5)
+    decayed.update("a", torch.tensor([1.0, -3.0]), torch.tensor([0.0, 1.0]))
+    assert torch.equal(decayed.residuals["a"], torch.tensor([0.5, -2.0]))
     feedback = ErrorFeedback()
     x = torch.tensor([1.0, 2.0, 3.0])
     assert feedback.corrected("a", x) is x

@@ -37,3 +37,24 @@ def test_report_from_fixture(tmp_path):
     assert "    CMD" in page
     for png in ("accuracy_vs_steps.png", "accuracy_vs_bits.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_feedback_report_from_fixture(tmp_path):
+    """Rows without, with and with a decaying error feedback, in that order, with their spreads."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    for i, (compressor, bits, feedback, final) in enumerate([
+            ("none", None, None, 0.85), ("tnqsgd", 1, False, 0.80), ("tnqsgd", 1, 0.5, 0.83),
+            ("tnqsgd", 1, True, 0.60), ("tnqsgd", 1, True, 0.70)]):
+        r = record(compressor, bits, i, [0.1, 0.2, 0.3, 0.4, final], 400)
+        r["config"].update(exchange=None if compressor == "none" else "two-phase", error_feedback=feedback,
+                           bucket_size=512)
+        (runs / f"{i}.json").write_text(json.dumps(r))
+    out = tmp_path / "docs"
+    subprocess.run([sys.executable, "examples/feedback_report.py", str(runs), "--out", str(out), "--command", "CMD"],
+                   cwd=ROOT, check=True, capture_output=True)
+    rows = [line for line in (out / "results.md").read_text().splitlines() if line.startswith("| ")][1:]
+    assert [row.split(" | ")[0] for row in rows] == [
+        "| fp32", "| tnqsgd 1 bits", "| tnqsgd 1 bits + error feedback", "| tnqsgd 1 bits + error feedback ×0.5"]
+    assert "| 2 | 40.00 ± 0.00 | 65.00 ± 7.07 | 400 | 0.100 |" in rows[2]
+    assert (out / "accuracy_vs_steps.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

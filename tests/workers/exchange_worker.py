@@ -251,7 +251,10 @@ def check_features() -> None:
     assert full.weight.grad.dtype == torch.float32 and torch.isfinite(half.weight).all()
 
     # unsupported configurations fail at construction, clearly
-    for kwargs, match in ((dict(op=hvd.Adasum), "Average and hvd.Sum"), (dict(sparse_as_dense=True), "sparse")):
+    for kwargs, match in ((dict(op=hvd.Adasum), "Average and hvd.Sum"), (dict(sparse_as_dense=True), "sparse"),
+                          (dict(error_feedback=0), "error_feedback must be"),
+                          (dict(error_feedback=1.5), "error_feedback must be"),
+                          (dict(error_feedback="on"), "error_feedback must be")):
         try:
             htq.DistributedOptimizer(torch.optim.SGD(net.parameters(), lr=0.1),
                                      named_parameters=net.named_parameters(), compression=htq.TNQSGD(bits=3), **kwargs)
@@ -330,13 +333,14 @@ def check_process_set() -> None:
 
 
 def check_mismatch() -> None:
-    """Ranks disagreeing on bits, exchange, min_elements or bucket size: every rank raises the same
+    """Ranks disagreeing on bits, exchange, min_elements, error feedback or bucket size: every rank raises the same
     ValueError before any gradient moves, and no rank hangs."""
     odd = RANK % 2
     cases = {
         "bits": dict(compression=htq.TNQSGD(bits=3 + odd, seed=SEED)),
         "exchange": dict(compression=htq.TNQSGD(bits=3, seed=SEED), exchange=["two-phase", "allgather"][odd]),
         "min_elements": dict(compression=htq.TNQSGD(bits=3, seed=SEED), min_elements=[300, 100][odd]),
+        "error_feedback": dict(compression=htq.TNQSGD(bits=3, seed=SEED), error_feedback=[True, 0.5][odd]),
         "bucket": dict(compression=htq.TNQSGD(bits=3, seed=SEED),
                        exchange=htq.TwoPhaseExchange(bucket_bytes=[1 << 20, 4096][odd])),
     }
@@ -511,7 +515,8 @@ def check_feedback() -> None:
     bias without it. The true average is computed here from every rank's gradients."""
     numel, steps = 4096, 250
     for exchange, scheme, bits in (("allgather", htq.TNQSGD, 2), ("allgather", htq.TUQSGD, 1),
-                                   ("two-phase", htq.TNQSGD, 2), ("node-aware", htq.TNQSGD, 2)):
+                                   ("two-phase", htq.TNQSGD, 2), ("two-phase", htq.TNQSGD, 1),
+                                   ("node-aware", htq.TNQSGD, 2)):
         errors = {}
         for feedback in (False, True):
             w = torch.nn.Parameter(torch.zeros(numel))
