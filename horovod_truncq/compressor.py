@@ -103,12 +103,13 @@ class ExchangeCompressor:
             raise ValueError(f"named_parameters repeats the names {repeated}: every parameter needs a name of its own")
         if isinstance(min_elements, bool) or not isinstance(min_elements, int) or min_elements < 0:
             raise ValueError(f"min_elements must be an int >= 0, got {min_elements!r}")
-        if not isinstance(error_feedback, (bool, int, float)) or \
-                not (isinstance(error_feedback, bool) or 0 < error_feedback <= 1):
+        if not (isinstance(error_feedback, bool) or
+                isinstance(error_feedback, (int, float)) and 0 < error_feedback <= 1):
             raise ValueError(f"error_feedback must be True, False or the share of the residual kept, in (0, 1]; "
                              f"got {error_feedback!r}")
+        decay = float(error_feedback)  # 0: off
         self.quantizer = quantizer.for_rank(hvd.rank())
-        if error_feedback:
+        if decay:
             self.quantizer = self.quantizer.for_error_feedback()
         self.process_set = process_set
         self.min_elements = min_elements
@@ -117,7 +118,7 @@ class ExchangeCompressor:
         # Gradients usually become ready in the reverse order of registration: buckets follow it.
         self._quantized = [(name, p.numel()) for name, p in reversed(named)
                            if p.is_floating_point() and p.numel() >= min_elements]
-        self.feedback = ErrorFeedback(float(error_feedback)) if error_feedback else None
+        self.feedback = ErrorFeedback(decay) if decay else None
         self.exchange.prepare(self._quantized, process_set, self.traffic, self.feedback)
         self._id = next(_compressor_ids)
         self._agreed = False

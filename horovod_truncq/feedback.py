@@ -37,7 +37,7 @@ class ErrorFeedback:
 
     def update(self, key: str, x: torch.Tensor, sent: torch.Tensor) -> None:
         """Keep decay * (x - sent), sent being the dequantized value that travelled, for the next step."""
-        residual = (x - sent) * self.decay if self.decay != 1 else x - sent
+        residual = (x - sent) * self.decay
         self.residuals[key] = torch.where(torch.isfinite(residual), residual, 0.0)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
