@@ -3,7 +3,7 @@
 # fp32, TNQSGD, TUQSGD (1 bit) and QSGD with 512-element buckets (2 bits: QSGD needs a sign and a
 # magnitude), each without error feedback, with it, and with half the residual kept (0.5), 3 seeds;
 # then the report.
-#   bash launch/feedback.sh          # 39 runs of 300 steps; about 65 minutes of training on 2 cores
+#   bash launch/feedback.sh          # 39 runs of 300 steps; 68 minutes of training on 2 cores
 # Environment overrides: SEEDS, STEPS, LR, OUT (records), REPORT (page folder), NP.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
