@@ -70,7 +70,8 @@ class Quantizer:
         self.under_feedback = False
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(bits={self.bits}{self._repr_extra()}){' under error feedback' * self.under_feedback}"
+        described = f"{type(self).__name__}(bits={self.bits}{self._repr_extra()})"
+        return f"{described} under error feedback" if self.under_feedback else described
 
     def _repr_extra(self) -> str:
         return ""
@@ -348,6 +349,7 @@ class _Truncated(Quantizer):
 
     @property
     def scaled_sign(self) -> bool:
+        """Whether this copy sends the scaled sign (1 bit under error feedback)."""
         return self.under_feedback and self.bits == 1
 
     def _levels_and_flag(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
