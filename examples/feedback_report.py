@@ -18,7 +18,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from report import COLORS, ORDER  # noqa: E402
+from report import COLORS, ORDER, curves, summary  # noqa: E402
 
 Key = tuple[str, object, float]  # compressor, bits (None for fp32), share of the residual kept (0: off)
 STYLES = {0.0: "-", 1.0: ":"}  # any other share: dash-dot
@@ -27,18 +27,12 @@ STYLES = {0.0: "-", 1.0: ":"}  # any other share: dash-dot
 def load(folder: Path) -> dict[Key, list[dict]]:
     groups: dict[Key, list[dict]] = defaultdict(list)
     for path in sorted(folder.glob("*.json")):
-        config = json.loads(path.read_text())["config"]
-        groups[(config["compressor"], config["bits"], float(config.get("error_feedback") or 0))].append(
-            json.loads(path.read_text()))
+        record = json.loads(path.read_text())
+        config = record["config"]
+        groups[(config["compressor"], config["bits"], float(config.get("error_feedback") or 0))].append(record)
     if not groups:
         raise SystemExit(f"no records in {folder}")
     return groups
-
-
-def accuracy(records: list[dict], evaluation: int = -1) -> tuple[float, float]:
-    """Mean and sample standard deviation over seeds, in percent."""
-    values = [100 * r["evaluations"][evaluation]["accuracy"] for r in records]
-    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def sort_key(key: Key) -> tuple:
@@ -59,7 +53,7 @@ def table(groups: dict[Key, list[dict]]) -> list[str]:
              f"bytes received/step/worker | vs fp32 |", "|---|---|---|---|---|---|"]
     for key in sorted(groups, key=sort_key):
         records = groups[key]
-        (mean, std), (early_mean, early_std) = accuracy(records), accuracy(records, 3)
+        (mean, std), (early_mean, early_std) = summary(records), summary(records, 3)
         received = statistics.mean(r["bytes_per_step"]["received"] for r in records)
         reference = records[0]["bytes_per_step"]["fp32_reference"]
         lines.append(f"| {label(key)} | {len(records)} | {early_mean:.2f} ± {early_std:.2f} | {mean:.2f} ± {std:.2f} | "
@@ -70,13 +64,12 @@ def table(groups: dict[Key, list[dict]]) -> list[str]:
 def plot(groups: dict[Key, list[dict]], path: Path) -> None:
     bit_widths = sorted({key[1] for key in groups if key[1] is not None})
     fig, axes = plt.subplots(1, len(bit_widths), figsize=(6 * len(bit_widths), 4.5), sharey=True, squeeze=False)
+    lines = curves(groups)
     for axis, bits in zip(axes[0], bit_widths):
         for key in sorted(groups, key=sort_key):
             if key[1] not in (bits, None):
                 continue
-            records = groups[key]
-            steps = [e["step"] for e in records[0]["evaluations"]]
-            means = [statistics.mean(100 * r["evaluations"][i]["accuracy"] for r in records) for i in range(len(steps))]
+            steps, means = lines[key]
             style = "--" if key[1] is None else STYLES.get(key[2], "-.")
             axis.plot(steps, means, style, marker="o", markersize=2, color=COLORS[key[0]], label=label(key))
         axis.set_title(f"{bits} bits per coordinate (dotted: error feedback, dash-dot: decaying)")
