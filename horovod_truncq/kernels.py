@@ -39,11 +39,13 @@ _SEARCH_BY_COMPARISON = 16      # tables up to this size: compare with every lev
 # order (thread count, compiled or eager), and so do the levels and norms computed from them.
 def abs_stats(x: torch.Tensor) -> torch.Tensor:
     """float64 (rows, 4): max |x|, min |x|, sum |x| and 1 if any NaN/Inf else 0, for each row of a
-    (rows, n) float32 tensor, with non-finite elements read as 0."""
-    finite = torch.isfinite(x)
-    magnitude = torch.where(finite, x.abs(), 0.0)
-    return torch.stack([magnitude.amax(dim=-1).double(), magnitude.amin(dim=-1).double(),
-                        magnitude.sum(dim=-1, dtype=torch.float64), (~finite).any(dim=-1).double()], dim=-1)
+    (rows, n) float32 tensor. A row holding NaN or Inf has a non-finite sum (a float64 sum of float32
+    magnitudes cannot overflow), which flags it; its other statistics are then meaningless, and the
+    payload is flagged rather than decoded."""
+    magnitude = x.abs()
+    total = magnitude.sum(dim=-1, dtype=torch.float64)
+    return torch.stack([magnitude.amax(dim=-1).double(), magnitude.amin(dim=-1).double(), total,
+                        (~torch.isfinite(total)).double()], dim=-1)
 
 
 def bucket_norms(buckets: torch.Tensor) -> torch.Tensor:
@@ -53,48 +55,51 @@ def bucket_norms(buckets: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------- rounding
 def _interval(v: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For v within an ascending table: index j of the interval [table[j], table[j+1]] holding v, and
-    both ends. `table` is (L,), shared by all of v, or (rows, L), one per row of v. Small tables
-    compare v with every level (no gathers); larger ones binary-search."""
+    """For v within an ascending table: index j of the interval [table[j], table[j+1]] holding v, as
+    float32, and both ends. `table` is (L,), shared by all of v, or (rows, L), one per row of v. Small
+    tables compare v with every level (selects, no gathers); larger ones binary-search. The index
+    stays float32 because inductor's CPU code converts floats to uint8 cheaply and masks or int32
+    to uint8 slowly."""
     size, rows = table.shape[-1], (table.shape[0] if table.dim() > 1 else 1)
     if table.dim() > 1:
         table = table.view(rows, *[1] * (v.dim() - 1), size)
-    index = torch.zeros(v.shape, dtype=torch.int32, device=v.device)
     if size <= _SEARCH_BY_COMPARISON:
+        index = torch.zeros_like(v)
         lo, hi = table[..., 0].expand(v.shape), table[..., 1].expand(v.shape)
         for j in range(1, size - 1):
             above = v >= table[..., j]
-            index = index + above.to(torch.int32)
+            index = torch.where(above, float(j), index)
             lo, hi = torch.where(above, table[..., j], lo), torch.where(above, table[..., j + 1], hi)
         return index, lo, hi
     flat = table.reshape(-1)
     row = torch.arange(rows, dtype=torch.int32, device=v.device).view(-1, *[1] * (v.dim() - 1)) * size if rows > 1 else 0
+    index = torch.zeros(v.shape, dtype=torch.int32, device=v.device)
     step = 1 << (size - 1).bit_length() - 1
     while step:
         candidate = (index + step).clamp(max=size - 2)
         index = torch.where(flat[candidate + row] <= v, candidate, index)
         step >>= 1
-    return index, flat[index + row], flat[index + 1 + row]
+    return index.float(), flat[index + row], flat[index + 1 + row]
 
 
 def _round(v: torch.Tensor, table: torch.Tensor, key: tuple[int, int], start: int,
            stochastic: bool = True) -> torch.Tensor:
-    """uint8 codes of stochastic rounding of v to `table`: the upper end of its interval with
+    """Codes (float32 integers) of stochastic rounding of v to `table`: the upper end of its interval with
     probability (v - lo) / (hi - lo), so E[table[code]] = v. Element i of v (row-major) draws the
     noise at index start + i. Not `stochastic`: the nearer end (the lower one on a tie)."""
     lower, lo, hi = _interval(v, table)
     if stochastic:
         index = torch.arange(v.numel(), dtype=torch.int32, device=v.device).view(v.shape) + start
-        up = noise.uniform(index, key) < (v - lo) / (hi - lo).clamp_min(_TINY)
+        up = noise.uniform(index, key) * (hi - lo) < v - lo  # u < (v - lo) / (hi - lo), without a division
     else:
         up = v > (lo + hi) * 0.5
-    return (lower + up.to(torch.int32)).to(torch.uint8)
+    return torch.where(up, lower + 1.0, lower)
 
 
 def round_to_levels(x: torch.Tensor, levels: torch.Tensor, key: tuple[int, int], start: int,
                     stochastic: bool = True) -> torch.Tensor:
     """uint8 codes of each row of x (rows, n), clamped to [first, last] of its row of levels (rows, L)."""
-    return _round(x.clamp(levels[:, :1], levels[:, -1:]), levels, key, start, stochastic)
+    return _round(x.clamp(levels[:, :1], levels[:, -1:]), levels, key, start, stochastic).to(torch.uint8)
 
 
 def round_scaled(buckets: torch.Tensor, inverse_norms: torch.Tensor, magnitudes: torch.Tensor,
@@ -102,8 +107,8 @@ def round_scaled(buckets: torch.Tensor, inverse_norms: torch.Tensor, magnitudes:
     """uint8 codes sign << (bits - 1) | magnitude index for |x| / norm of each bucket: buckets
     (..., bucket), inverse_norms (...), magnitudes (L,)."""
     ratio = (buckets.abs() * inverse_norms.unsqueeze(-1)).clamp(0, 1)
-    sign = (buckets < 0).to(torch.uint8) << (bits - 1)
-    return _round(ratio, magnitudes, key, start) | sign
+    sign = torch.where(buckets < 0, float(1 << (bits - 1)), 0.0)
+    return (_round(ratio, magnitudes, key, start) + sign).to(torch.uint8)
 
 
 # ---------------------------------------------------------------- decoding
