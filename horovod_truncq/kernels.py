@@ -96,28 +96,75 @@ def _round(v: torch.Tensor, table: torch.Tensor, key: tuple[int, int], start: in
     return torch.where(up, lower + 1.0, lower)
 
 
+def _round_uniform(v: torch.Tensor, first: torch.Tensor, last: torch.Tensor, intervals: int,
+                   key: tuple[int, int], start: int) -> torch.Tensor:
+    """Codes (float32 integers) of stochastic rounding of v in [first, last] to the `intervals` + 1
+    equally spaced points from first to last, without a search: floor(p + u) with p = (v - first) /
+    spacing is the upper point with probability frac(p). v at `last` gets the top code exactly."""
+    scale = torch.where(last > first, intervals / (last - first), 0.0)
+    index = torch.arange(v.numel(), dtype=torch.int32, device=v.device).view(v.shape) + start
+    code = torch.floor((v - first) * scale + noise.uniform(index, key)).clamp(0, intervals)
+    return torch.where(v >= last, float(intervals), code)
+
+
 def round_to_levels(x: torch.Tensor, levels: torch.Tensor, key: tuple[int, int], start: int,
-                    stochastic: bool = True) -> torch.Tensor:
-    """uint8 codes of each row of x (rows, n), clamped to [first, last] of its row of levels (rows, L)."""
-    return _round(x.clamp(levels[:, :1], levels[:, -1:]), levels, key, start, stochastic).to(torch.uint8)
+                    stochastic: bool = True, uniform: bool = False) -> torch.Tensor:
+    """uint8 codes of each row of x (rows, n), clamped to [first, last] of its row of levels (rows, L).
+
+    The levels are antisymmetric (levels.py), so |x| is rounded on the upper half, preceded by the
+    largest negative level (the interval that straddles zero): [-m0, m0, m1, ..., a], L/2 + 1 entries
+    and half the comparisons. The sign then mirrors the code. `uniform`: equally spaced levels,
+    rounded arithmetically (stochastic rounding only)."""
+    half = levels.shape[-1] // 2
+    upper = levels[:, half - 1:]
+    magnitude = x.abs().clamp(max=levels[:, -1:])
+    if uniform and stochastic:
+        index = _round_uniform(magnitude, upper[:, :1], upper[:, -1:], half, key, start)
+    else:
+        index = _round(magnitude, upper, key, start, stochastic)
+    return torch.where(x < 0, half - index, index + (half - 1)).to(torch.uint8)
 
 
 def round_scaled(buckets: torch.Tensor, inverse_norms: torch.Tensor, magnitudes: torch.Tensor,
-                 key: tuple[int, int], start: int, bits: int) -> torch.Tensor:
+                 key: tuple[int, int], start: int, bits: int, uniform: bool = False) -> torch.Tensor:
     """uint8 codes sign << (bits - 1) | magnitude index for |x| / norm of each bucket: buckets
-    (..., bucket), inverse_norms (...), magnitudes (L,)."""
+    (..., bucket), inverse_norms (...), magnitudes (L,) ascending from 0 to 1 (equally spaced when
+    `uniform`: rounded arithmetically)."""
     ratio = (buckets.abs() * inverse_norms.unsqueeze(-1)).clamp(0, 1)
     sign = torch.where(buckets < 0, float(1 << (bits - 1)), 0.0)
-    return (_round(ratio, magnitudes, key, start) + sign).to(torch.uint8)
+    if uniform:
+        one, zero = torch.ones((), device=ratio.device), torch.zeros((), device=ratio.device)
+        index = _round_uniform(ratio, zero, one, magnitudes.shape[0] - 1, key, start)
+    else:
+        index = _round(ratio, magnitudes, key, start)
+    return (index + sign).to(torch.uint8)
 
 
 # ---------------------------------------------------------------- decoding
+def _lookup(codes: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """table[code] for int32 codes (rows, ...), table (L,) or (rows, L). Tables of up to 16 levels
+    are read by a tree of selects on the code's bits (a gather costs several times more on CPU);
+    larger ones are gathered."""
+    size = table.shape[-1]
+    if size > _SEARCH_BY_COMPARISON:
+        if table.dim() == 1:
+            return table[codes]
+        offsets = torch.arange(table.shape[0], dtype=torch.int32, device=codes.device) * size
+        return table.reshape(-1)[codes + offsets.view(-1, *[1] * (codes.dim() - 1))]
+    if table.dim() > 1:
+        table = table.view(table.shape[0], *[1] * (codes.dim() - 1), size)
+    values, bit = [table[..., j] for j in range(size)], 0
+    while len(values) > 1:
+        is_set = (codes >> bit) & 1 > 0
+        values = [torch.where(is_set, high, low) for low, high in zip(values[::2], values[1::2])]
+        bit += 1
+    return values[0].expand(codes.shape)
+
+
 def dequantize_levels(words: torch.Tensor, levels: torch.Tensor, bits: int) -> torch.Tensor:
     """float32 levels[row][code] for every code of each row of packed words (rows, b m), levels
     (rows, L): (rows, 32, m) values in packing order, padding codes included."""
-    codes = unpack_words(words, bits)
-    offsets = torch.arange(levels.shape[0], dtype=torch.int32, device=words.device).view(-1, 1, 1) * levels.shape[1]
-    return levels.reshape(-1)[codes + offsets]
+    return _lookup(unpack_words(words, bits), levels)
 
 
 def sum_levels(words: torch.Tensor, levels: torch.Tensor, bits: int) -> torch.Tensor:
@@ -130,13 +177,16 @@ def dequantize_scaled(words: torch.Tensor, norms: torch.Tensor, magnitudes: torc
     """float32 ±magnitudes[code] * norm of the code's bucket for each row of packed words (rows, b m),
     norms (rows, buckets): (rows, 32, m) in packing order; padding codes have zero magnitude."""
     codes = unpack_words(words, bits)
-    magnitude = magnitudes[codes & ((1 << (bits - 1)) - 1)]
+    magnitude = _lookup(codes & ((1 << (bits - 1)) - 1), magnitudes)
     signed = torch.where(codes >> (bits - 1) > 0, -magnitude, magnitude)
     rows, columns = codes.shape[-2:]
     index = torch.arange(rows, dtype=torch.int32, device=words.device).unsqueeze(1) * columns + \
         torch.arange(columns, dtype=torch.int32, device=words.device)
     buckets = norms.shape[1]
-    bucket_of = (index // bucket).clamp(max=buckets - 1) + \
+    # i // bucket without int32 division (not vectorised on CPU): (i + 0.5) / bucket lies 0.5 / bucket
+    # from an integer, and float64 rounds it by less than i * 2^-53 / bucket, so its floor is exact
+    quotient = torch.floor((index.double() + 0.5) / bucket).to(torch.int32)
+    bucket_of = quotient.clamp(max=buckets - 1) + \
         torch.arange(norms.shape[0], dtype=torch.int32, device=words.device).view(-1, 1, 1) * buckets
     return signed * norms.reshape(-1)[bucket_of]
 
@@ -161,8 +211,14 @@ class Kernel:
     with the dimensions of the first tensor argument dynamic. Every index a pass computes is in range
     by construction (codes are masked to their table's size), so inductor's bounds asserts are off."""
 
-    def __init__(self, fn: Callable[..., torch.Tensor]) -> None:
+    def __init__(self, fn: Callable[..., torch.Tensor], fuse_into_reduction: bool = False) -> None:
         self.fn = fn
+        self.options = {"assert_indirect_indexing": False}
+        if fuse_into_reduction:
+            # inductor writes out a pointwise result of many operations before reducing it; a sum over
+            # senders would then write and read 4 bytes per sender and element. Keep it in registers.
+            self.options.update(realize_opcount_threshold=1000, realize_reads_threshold=64,
+                                realize_acc_reads_threshold=64)
         self._compiled: dict[tuple, Callable[..., torch.Tensor]] = {}
 
     def _compile(self, static: dict) -> Callable[..., torch.Tensor]:
@@ -176,7 +232,7 @@ class Kernel:
         name = "_".join([fn.__name__, *(f"{key}{value}" for key, value in sorted(static.items()))])
         code = bound.__code__.replace(co_name=name)
         return torch.compile(types.FunctionType(code, bound.__globals__, name, None, bound.__closure__),
-                             options={"assert_indirect_indexing": False})
+                             options=self.options)
 
     @torch.no_grad()  # one grad mode for every caller (backward hooks, optimizer step): one compilation
     def __call__(self, numel: int, *args, **static) -> torch.Tensor:
@@ -201,6 +257,6 @@ round_to_levels_kernel = Kernel(round_to_levels)
 round_scaled_kernel = Kernel(round_scaled)
 pack_kernel = Kernel(pack_words)
 dequantize_levels_kernel = Kernel(dequantize_levels)
-sum_levels_kernel = Kernel(sum_levels)
+sum_levels_kernel = Kernel(sum_levels, fuse_into_reduction=True)
 dequantize_scaled_kernel = Kernel(dequantize_scaled)
-sum_scaled_kernel = Kernel(sum_scaled)
+sum_scaled_kernel = Kernel(sum_scaled, fuse_into_reduction=True)

@@ -142,6 +142,9 @@ def biscaled_levels(a: torch.Tensor, c: torch.Tensor, s1: torch.Tensor, s: int) 
 
 
 def _pin_ends(levels: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """The end levels are exactly -a and a, so constant tensors (a = |value|) come back exactly."""
-    levels[..., 0], levels[..., -1] = -a, a
-    return levels
+    """The levels made exactly antisymmetric (levels[s - j] == -levels[j], the lower half mirrored
+    from the upper one), so that encoding can round |g| on the upper half alone, with the end levels
+    exactly -a and a, so that constant tensors (a = |value|) come back exactly."""
+    upper = levels[..., levels.shape[-1] // 2:].clone()
+    upper[..., -1] = a
+    return torch.cat([-upper.flip(-1), upper], dim=-1)

@@ -323,6 +323,7 @@ class _Truncated(Quantizer):
 
     default_tail = "laplace"
     truncated = True
+    uniform_levels = False  # equally spaced levels: rounded arithmetically, without a search
 
     def __init__(self, bits: int = 4, tail: Optional[str] = None, seed: Optional[int] = None) -> None:
         super().__init__(bits, seed)
@@ -362,7 +363,8 @@ class _Truncated(Quantizer):
 
     def _encode(self, x: torch.Tensor, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         levels, nonfinite = self._levels_and_flag(x)
-        codes = kernels.round_to_levels_kernel(x.numel(), x, levels, key, 0, stochastic=not self.scaled_sign)
+        codes = kernels.round_to_levels_kernel(x.numel(), x, levels, key, 0, stochastic=not self.scaled_sign,
+                                               uniform=self.uniform_levels)
         return levels, codes, nonfinite
 
     def _dequantize(self, words: torch.Tensor, side: torch.Tensor, numel: int, total: bool) -> torch.Tensor:
@@ -389,6 +391,7 @@ class TUQSGD(_Truncated):
 
     scheme = "tuqsgd"
     scheme_id = 1
+    uniform_levels = True
 
     def _choose_levels(self, params, amax, amin):
         if self.tail is Laplace:
@@ -474,10 +477,12 @@ class _NormScaled(Quantizer):
             norms = torch.cat([norms, kernels.bucket_norms(rest).unsqueeze(1)], dim=1)
         inverse = torch.where((norms > 0) & torch.isfinite(norms), 1 / norms, 0.0)
         magnitudes = _magnitudes(self.scheme, self.magnitude_count, x.device)
+        uniform = self.scheme == "qsgd"
         codes = kernels.round_scaled_kernel(x.numel(), full, inverse[:, : full.shape[1]], magnitudes, key, 0,
-                                            bits=self.bits).view(rows, whole)
+                                            bits=self.bits, uniform=uniform).view(rows, whole)
         if rest.shape[1]:  # noise indices after those of the whole buckets
-            tail = kernels.round_scaled(rest, inverse[:, -1], magnitudes, key, rows * whole, bits=self.bits)
+            tail = kernels.round_scaled(rest, inverse[:, -1], magnitudes, key, rows * whole, bits=self.bits,
+                                        uniform=uniform)
             codes = torch.cat([codes, tail], dim=1)
         return norms, codes, torch.zeros(rows, dtype=torch.bool, device=x.device)
 

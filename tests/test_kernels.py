@@ -21,6 +21,7 @@ CASES = [
     (htq.TUQSGD, dict(bits=1)),
     (scaled_sign, {}),
     (htq.TNQSGD, dict(bits=3)),
+    (htq.TUQSGD, dict(bits=8)),
     (htq.TNQSGD, dict(bits=8, tail="powerlaw")),
     (htq.TBQSGD, dict(bits=2)),
     (htq.QSGD, dict(bits=4, bucket_size=500)),

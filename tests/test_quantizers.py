@@ -117,6 +117,19 @@ def test_levels_travel_in_the_payload(cls):
     assert bool((side[1:] >= side[:-1]).all()) and side[-1] == -side[0] == q.threshold(x)
 
 
+@pytest.mark.parametrize("cls", TRUNCATED)
+@pytest.mark.parametrize("bits", [1, 2, 3, 8])
+def test_levels_are_antisymmetric(cls, bits):
+    """Encoding rounds |g| on the upper half of the levels and mirrors the code by the sign: exact
+    only if level s - j is exactly -(level j)."""
+    if bits < cls.min_bits:
+        pytest.skip(f"{cls.__name__} needs {cls.min_bits} bits")
+    for tail in ("laplace", "powerlaw"):
+        levels = cls(bits=bits, tail=tail).levels(student_t(5000))
+        assert torch.equal(levels, -levels.flip(0))
+        assert bool((levels[1:] > levels[:-1]).all())
+
+
 # ---------------------------------------------------------------- statistics
 @pytest.mark.parametrize("cls, kwargs", configurations((2, 3)))
 def test_unbiased_for_the_truncated_value(cls, kwargs):
