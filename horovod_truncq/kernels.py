@@ -6,7 +6,9 @@ once and writes one uint8 code per element (`round_to_levels`, `round_scaled`) a
 pass (packing.pack_words). Decoding W payloads of a tensor is one fused pass (`sum_levels`,
 `sum_scaled`) that unpacks, looks every code up in its sender's table and sums in float32; the
 `dequantize_*` passes keep the W rows apart instead. Every pass works on a batch of rows (chunks of
-one flat gradient, each with its own levels or norms).
+one flat gradient, each with its own levels or norms). Rounding compares |g| with the upper half of
+the (antisymmetric) levels only, or, where the levels are equally spaced (TUQSGD, QSGD), computes the
+code without a search; lookups in tables of up to 16 levels are selects, not gathers.
 
 Each pass is plain torch: inductor turns it into vectorised C++ on CPU and Triton on CUDA, once per
 bit width (tensor sizes are dynamic: they do not recompile). Set HOROVOD_TRUNCQ_COMPILE=0 to
@@ -133,8 +135,7 @@ def round_scaled(buckets: torch.Tensor, inverse_norms: torch.Tensor, magnitudes:
     ratio = (buckets.abs() * inverse_norms.unsqueeze(-1)).clamp(0, 1)
     sign = torch.where(buckets < 0, float(1 << (bits - 1)), 0.0)
     if uniform:
-        one, zero = torch.ones((), device=ratio.device), torch.zeros((), device=ratio.device)
-        index = _round_uniform(ratio, zero, one, magnitudes.shape[0] - 1, key, start)
+        index = _round_uniform(ratio, magnitudes[0], magnitudes[-1], magnitudes.shape[0] - 1, key, start)
     else:
         index = _round(ratio, magnitudes, key, start)
     return (index + sign).to(torch.uint8)
@@ -143,7 +144,7 @@ def round_scaled(buckets: torch.Tensor, inverse_norms: torch.Tensor, magnitudes:
 # ---------------------------------------------------------------- decoding
 def _lookup(codes: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """table[code] for int32 codes (rows, ...), table (L,) or (rows, L). Tables of up to 16 levels
-    are read by a tree of selects on the code's bits (a gather costs several times more on CPU);
+    are read by a tree of selects on the code's bits (inductor's CPU code gathers one lane at a time);
     larger ones are gathered."""
     size = table.shape[-1]
     if size > _SEARCH_BY_COMPARISON:

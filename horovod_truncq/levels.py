@@ -120,14 +120,14 @@ def biscaled_threshold(tail, params: torch.Tensor, amax: torch.Tensor, s: int) -
 def uniform_levels(a: torch.Tensor, s: int) -> torch.Tensor:
     """s + 1 equally spaced levels on [-a, a]."""
     j = torch.arange(s + 1, device=a.device, dtype=torch.float32)
-    return _pin_ends(-a.unsqueeze(-1) + 2 * a.unsqueeze(-1) * j / s, a)
+    return _antisymmetric(-a.unsqueeze(-1) + 2 * a.unsqueeze(-1) * j / s, a)
 
 
 def nonuniform_levels(tail, params: torch.Tensor, a: torch.Tensor, s: int) -> torch.Tensor:
     """Levels l_j = G^-1(j/s) for the density lambda ~ p^(1/3) on [-a, a] (symmetric)."""
     u = torch.arange(s + 1, device=a.device, dtype=torch.float32) * (2.0 / s) - 1
     magnitude = tail.root_mass_inverse(params.unsqueeze(-2), u.abs() * tail.root_mass(params, a).unsqueeze(-1))
-    return _pin_ends(torch.sign(u) * torch.minimum(magnitude, a.unsqueeze(-1)), a)
+    return _antisymmetric(torch.sign(u) * torch.minimum(magnitude, a.unsqueeze(-1)), a)
 
 
 def biscaled_levels(a: torch.Tensor, c: torch.Tensor, s1: torch.Tensor, s: int) -> torch.Tensor:
@@ -138,10 +138,10 @@ def biscaled_levels(a: torch.Tensor, c: torch.Tensor, s1: torch.Tensor, s: int) 
     left = -a + (a - c) * j / half
     fine = -c + 2 * c * (j - half) / s1
     right = c + (a - c) * (j - half - s1) / half
-    return _pin_ends(torch.where(j < half, left, torch.where(j <= half + s1, fine, right)), a.squeeze(-1))
+    return _antisymmetric(torch.where(j < half, left, torch.where(j <= half + s1, fine, right)), a.squeeze(-1))
 
 
-def _pin_ends(levels: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+def _antisymmetric(levels: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """The levels made exactly antisymmetric (levels[s - j] == -levels[j], the lower half mirrored
     from the upper one), so that encoding can round |g| on the upper half alone, with the end levels
     exactly -a and a, so that constant tensors (a = |value|) come back exactly."""
