@@ -271,6 +271,33 @@ class TwoPhaseExchange:
         return mine
 
 
+@dataclass(frozen=True)
+class _NodePlan:
+    """Where each collective of the node-aware exchange sends its rows, worked out once per process
+    set so that a bucket's collectives do no per-rank work on the host."""
+
+    node: int  # ranks on this rank's node
+    peers: int  # ranks at this rank's position, one per node
+    splits: dict[str, torch.Tensor]  # phase -> rows sent to each rank of the process set (int32)
+    remote_rows: dict[str, int]  # phase -> rows sent to other ranks (for the byte count)
+    peers_by_rank: list[int]  # node order -> the peers' rank order (alltoall rows go in rank order)
+    peers_by_node: list[int]  # the inverse: rows received in rank order -> node order
+
+    @classmethod
+    def build(cls, nodes: list[list[int]], me: int, size: int) -> "_NodePlan":
+        node = next(members for members in nodes if me in members)
+        peers = [members[node.index(me)] for members in nodes]
+        phases = {"node-sum": (node, 1), "scatter": (peers, 1), "gather": (peers, 1), "share": (node, len(peers))}
+        splits = {}
+        for phase, (ranks, rows) in phases.items():
+            splits[phase] = torch.zeros(size, dtype=torch.int32)
+            splits[phase][ranks] = rows
+        by_rank = sorted(range(len(peers)), key=peers.__getitem__)
+        return cls(node=len(node), peers=len(peers), splits=splits,
+                   remote_rows={phase: (len(ranks) - 1) * rows for phase, (ranks, rows) in phases.items()},
+                   peers_by_rank=by_rank, peers_by_node=sorted(range(len(peers)), key=by_rank.__getitem__))
+
+
 class NodeAwareExchange(TwoPhaseExchange):
     """Two-phase exchange that quantizes only what crosses between nodes.
 
@@ -305,7 +332,7 @@ class NodeAwareExchange(TwoPhaseExchange):
                                            or ranks_per_node < 1):
             raise ValueError(f"ranks_per_node must be an int >= 1 or None, got {ranks_per_node!r}")
         self.ranks_per_node = ranks_per_node
-        self._nodes: Optional[list[list[int]]] = None  # process-set ranks per node, found on first use
+        self._plan: Optional[_NodePlan] = None  # found on first use
         self._flat_fallback = False
 
     def __repr__(self) -> str:
@@ -319,53 +346,41 @@ class NodeAwareExchange(TwoPhaseExchange):
                              f"{process_set.size()} ranks")
         super().prepare(sizes, process_set, traffic, feedback)
 
-    def _find_nodes(self) -> None:
-        """The nodes, as lists of process-set ranks; collective, so run on first use (after the
-        compressor's settings check, so that ranks that disagree raise instead of waiting here)."""
-        ranks = self._process_set.size()
+    def _find_nodes(self) -> _NodePlan:
+        """The plan for this rank's node; collective, so run on first use (after the compressor's
+        settings check, so that ranks that disagree raise instead of waiting here)."""
+        ranks, me = self._process_set.size(), self._process_set.rank()
         if self.ranks_per_node is not None:
             step = self.ranks_per_node
-            self._nodes = [list(range(first, first + step)) for first in range(0, ranks, step)]
-            return
+            return _NodePlan.build([list(range(first, first + step)) for first in range(0, ranks, step)], me, ranks)
         mine = torch.tensor([[hvd.cross_rank(), hvd.local_rank()]], dtype=torch.int64)
         found = hvd.allgather(mine, name="truncq.node-aware.nodes", process_set=self._process_set).tolist()
-        nodes: dict[int, list[int]] = {}
+        by_node: dict[int, list[int]] = {}
         for rank, (node, _) in enumerate(found):
-            nodes.setdefault(node, []).append(rank)
-        self._nodes = sorted(nodes.values())
-        local_ranks_distinct = all(len({found[r][1] for r in members}) == len(members) for members in self._nodes)
-        if len({len(members) for members in self._nodes}) > 1 or not local_ranks_distinct:
+            by_node.setdefault(node, []).append(rank)
+        nodes = sorted(by_node.values())
+        local_ranks_distinct = all(len({found[r][1] for r in members}) == len(members) for members in nodes)
+        if len({len(members) for members in nodes}) > 1 or not local_ranks_distinct:
             log.warning("horovod_truncq: the node-aware exchange found nodes of unequal sizes %s (or Horovod's "
                         "cross ranks do not tell nodes apart); it runs as the flat two-phase exchange",
-                        [len(m) for m in self._nodes])
+                        [len(m) for m in nodes])
             self._flat_fallback = True
+        return _NodePlan.build(nodes, me, ranks)
 
-    def _topology(self) -> tuple[list[int], list[int]]:
-        """(the ranks of this rank's node, in position order; the ranks at this rank's position on every
-        node, in node order)."""
-        me = self._process_set.rank()
-        node = next(members for members in self._nodes if me in members)
-        return node, [members[node.index(me)] for members in self._nodes]
-
-    def _alltoall(self, rows: torch.Tensor, counts: dict[int, int], bucket: _Bucket, phase: str) -> None:
-        """Send rows (ordered by destination rank) to the ranks in `counts` (rank -> rows); count the bytes."""
-        splits = torch.zeros(self._process_set.size(), dtype=torch.int32)
-        for rank, count in counts.items():
-            splits[rank] = count
-        bucket.handle = hvd.alltoall_async(rows, splits=splits, name=f"truncq.node-aware.{bucket.name}.{phase}",
+    def _alltoall(self, rows: torch.Tensor, bucket: _Bucket, phase: str) -> None:
+        """Send rows (ordered by destination rank) as the plan says for `phase`; count the bytes."""
+        bucket.handle = hvd.alltoall_async(rows, splits=self._plan.splits[phase],
+                                           name=f"truncq.node-aware.{bucket.name}.{phase}",
                                            process_set=self._process_set)
-        row_bytes = rows[0].numel() * rows.element_size()
-        me = self._process_set.rank()
-        self._traffic.add_transfer(sum(count for rank, count in counts.items() if rank != me) * row_bytes)
+        self._traffic.add_transfer(self._plan.remote_rows[phase] * rows[0].numel() * rows.element_size())
 
     def _start(self, bucket: _Bucket) -> None:
-        if self._nodes is None:
-            self._find_nodes()
+        if self._plan is None:
+            self._plan = self._find_nodes()
         if self._flat_fallback:
             return super()._start(bucket)
-        node, _ = self._topology()
-        parts = self._flat(bucket).view(len(node), -1)  # part p goes to position p of this node
-        self._alltoall(parts, {rank: 1 for rank in node}, bucket, "node-sum")
+        parts = self._flat(bucket).view(self._plan.node, -1)  # part p goes to position p of this node
+        self._alltoall(parts, bucket, "node-sum")
 
     def _stages(self) -> tuple[Callable[[_Bucket], None], ...]:
         if self._flat_fallback:
@@ -374,24 +389,18 @@ class NodeAwareExchange(TwoPhaseExchange):
 
     def _scatter_between_nodes(self, bucket: _Bucket) -> None:
         received, _ = hvd.synchronize(bucket.handle)
-        _, peers = self._topology()
-        node_sum = received.sum(dim=0).view(len(peers), -1)  # chunk m goes to this position on node m
+        node_sum = received.sum(dim=0).view(self._plan.peers, -1)  # chunk m goes to this position on node m
         payloads = _encode_with_feedback(self._quantizer, node_sum, f"{bucket.name}.scatter", self._feedback)
-        order = sorted(range(len(peers)), key=peers.__getitem__)
-        self._alltoall(payloads[order], {rank: 1 for rank in peers}, bucket, "scatter")
+        self._alltoall(payloads[self._plan.peers_by_rank], bucket, "scatter")
 
     def _reduce_between_nodes(self, bucket: _Bucket) -> None:
         received, _ = hvd.synchronize(bucket.handle)
-        _, peers = self._topology()
         payload = self._requantize(self._decode_reduced(self._quantizer, received, bucket), bucket)
-        self._alltoall(payload.expand(len(peers), -1).contiguous(), {rank: 1 for rank in peers}, bucket, "gather")
+        self._alltoall(payload.expand(self._plan.peers, -1).contiguous(), bucket, "gather")
 
     def _gather_in_node(self, bucket: _Bucket) -> None:
         received, _ = hvd.synchronize(bucket.handle)  # from the peers, in rank order
-        node, peers = self._topology()
-        by_rank = sorted(range(len(peers)), key=peers.__getitem__)  # row i came from node by_rank[i]
-        in_node_order = received[sorted(range(len(peers)), key=by_rank.__getitem__)]
-        self._alltoall(in_node_order.repeat(len(node), 1), {rank: len(peers) for rank in node}, bucket, "share")
+        self._alltoall(received[self._plan.peers_by_node].repeat(self._plan.node, 1), bucket, "share")
 
     def _gathered(self, bucket: _Bucket) -> torch.Tensor:
         if self._flat_fallback:
