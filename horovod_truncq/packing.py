@@ -61,6 +61,8 @@ def unpack_words(words: torch.Tensor, bits: int) -> torch.Tensor:
     k = torch.arange(BLOCK, dtype=torch.int32, device=words.device)
     first = (k * bits) // 32
     offset = ((k * bits) % 32).unsqueeze(1)
+    if 32 % bits == 0:  # 1, 2, 4 or 8 bits: no code straddles two words
+        return (rows[..., first, :] >> offset) & ((1 << bits) - 1)
     low_mask = ((1 << (32 - offset).to(torch.int64)) - 1).to(torch.int32)  # a logical right shift
     low = (rows[..., first, :] >> offset) & low_mask
     second = (first + 1).clamp(max=bits - 1)
