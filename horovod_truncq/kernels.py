@@ -98,44 +98,56 @@ def _round(v: torch.Tensor, table: torch.Tensor, key: tuple[int, int], start: in
     return torch.where(up, lower + 1.0, lower)
 
 
-def _round_uniform(v: torch.Tensor, first: torch.Tensor, last: torch.Tensor, intervals: int,
-                   key: tuple[int, int], start: int) -> torch.Tensor:
-    """Codes (float32 integers) of stochastic rounding of v in [first, last] to the `intervals` + 1
-    equally spaced points from first to last, without a search: floor(p + u) with p = (v - first) /
-    spacing is the upper point with probability frac(p). v at `last` gets the top code exactly."""
-    scale = torch.where(last > first, intervals / (last - first), 0.0)
+def _round_two_steps(v: torch.Tensor, table: torch.Tensor, key: tuple[int, int], start: int) -> torch.Tensor:
+    """Codes (float32 integers) of stochastic rounding of v in [table[0], table[-1]] to an ascending
+    table that is equally spaced up to some entry and equally spaced by another step from there on
+    (TBQSGD's upper half: fine, then coarse; a single step for TUQSGD and QSGD), without a search.
+
+    Each grid, extended over the whole range, gives v a fractional position p, affine in v; where
+    v lies on the other grid, the one with the larger step gives the smaller position. So p is the
+    smaller of the two when the first step is the smaller (the larger otherwise), and floor(p + u)
+    is the upper neighbour with probability frac(p). v at the last entry gets the top code exactly.
+    table is (L,) or (rows, L) with one row per row of v."""
+    top = table.shape[-1] - 1
+    if table.dim() > 1:
+        table = table.view(table.shape[0], *[1] * (v.dim() - 1), table.shape[-1])
+    first, last = table[..., 0], table[..., -1]
+    inner, outer = table[..., 1] - first, last - table[..., -2]
+    from_first = torch.where(inner > 0, (v - first) * (1 / inner), float("inf"))
+    from_last = torch.where(outer > 0, top - (last - v) * (1 / outer), float("-inf"))
+    position = torch.where(inner <= outer, torch.minimum(from_first, from_last), torch.maximum(from_first, from_last))
     index = torch.arange(v.numel(), dtype=torch.int32, device=v.device).view(v.shape) + start
-    code = torch.floor((v - first) * scale + noise.uniform(index, key)).clamp(0, intervals)
-    return torch.where(v >= last, float(intervals), code)
+    code = torch.floor(position + noise.uniform(index, key)).clamp(0, top)
+    return torch.where(v >= last, float(top), code)
 
 
 def round_to_levels(x: torch.Tensor, levels: torch.Tensor, key: tuple[int, int], start: int,
-                    stochastic: bool = True, uniform: bool = False) -> torch.Tensor:
+                    stochastic: bool = True, two_steps: bool = False) -> torch.Tensor:
     """uint8 codes of each row of x (rows, n), clamped to [first, last] of its row of levels (rows, L).
 
     The levels are antisymmetric (levels.py), so |x| is rounded on the upper half, preceded by the
     largest negative level (the interval that straddles zero): [-m0, m0, m1, ..., a], L/2 + 1 entries
-    and half the comparisons. The sign then mirrors the code. `uniform`: equally spaced levels,
-    rounded arithmetically (stochastic rounding only)."""
+    and half the comparisons. The sign then mirrors the code. `two_steps`: levels of at most two
+    spacings (`_round_two_steps`), rounded arithmetically (stochastic rounding only)."""
     half = levels.shape[-1] // 2
     upper = levels[:, half - 1:]
     magnitude = x.abs().clamp(max=levels[:, -1:])
-    if uniform and stochastic:
-        index = _round_uniform(magnitude, upper[:, :1], upper[:, -1:], half, key, start)
+    if two_steps and stochastic:
+        index = _round_two_steps(magnitude, upper, key, start)
     else:
         index = _round(magnitude, upper, key, start, stochastic)
     return torch.where(x < 0, half - index, index + (half - 1)).to(torch.uint8)
 
 
 def round_scaled(buckets: torch.Tensor, inverse_norms: torch.Tensor, magnitudes: torch.Tensor,
-                 key: tuple[int, int], start: int, bits: int, uniform: bool = False) -> torch.Tensor:
+                 key: tuple[int, int], start: int, bits: int, two_steps: bool = False) -> torch.Tensor:
     """uint8 codes sign << (bits - 1) | magnitude index for |x| / norm of each bucket: buckets
-    (..., bucket), inverse_norms (...), magnitudes (L,) ascending from 0 to 1 (equally spaced when
-    `uniform`: rounded arithmetically)."""
+    (..., bucket), inverse_norms (...), magnitudes (L,) ascending from 0 to 1 (of at most two
+    spacings when `two_steps`: rounded arithmetically)."""
     ratio = (buckets.abs() * inverse_norms.unsqueeze(-1)).clamp(0, 1)
     sign = torch.where(buckets < 0, float(1 << (bits - 1)), 0.0)
-    if uniform:
-        index = _round_uniform(ratio, magnitudes[0], magnitudes[-1], magnitudes.shape[0] - 1, key, start)
+    if two_steps:
+        index = _round_two_steps(ratio, magnitudes, key, start)
     else:
         index = _round(ratio, magnitudes, key, start)
     return (index + sign).to(torch.uint8)

@@ -24,6 +24,7 @@ CASES = [
     (htq.TUQSGD, dict(bits=8)),
     (htq.TNQSGD, dict(bits=8, tail="powerlaw")),
     (htq.TBQSGD, dict(bits=2)),
+    (htq.TBQSGD, dict(bits=8)),
     (htq.QSGD, dict(bits=4, bucket_size=500)),
     (htq.NQSGD, dict(bits=3)),
 ]

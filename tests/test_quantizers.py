@@ -131,6 +131,20 @@ def test_levels_are_antisymmetric(cls, bits):
 
 
 # ---------------------------------------------------------------- statistics
+@pytest.mark.parametrize("cls", TRUNCATED)
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_every_element_goes_to_a_neighbouring_level(cls, bits):
+    """Whatever the rounding path (interval search, or arithmetic for levels of one or two
+    spacings), each decoded element is one of the two levels around its truncated value."""
+    q = cls(bits=bits, seed=5)
+    x = student_t(40_000, seed=11)  # above COMPILE_MIN_ELEMENTS: the compiled passes run
+    grid = q.levels(x)
+    target = x.clamp(grid[0], grid[-1])
+    decoded = q.decode(q.encode(x), x.shape)
+    index = (torch.searchsorted(grid, target, right=True) - 1).clamp(0, grid.numel() - 2)
+    assert bool(((decoded == grid[index]) | (decoded == grid[index + 1])).all())
+
+
 @pytest.mark.parametrize("cls, kwargs", configurations((2, 3)))
 def test_unbiased_for_the_truncated_value(cls, kwargs):
     """Mean of 1024 independent roundings of a fixed vector -> its truncated value, per element.
