@@ -7,8 +7,8 @@ pass (packing.pack_words). Decoding W payloads of a tensor is one fused pass (`s
 `sum_scaled`) that unpacks, looks every code up in its sender's table and sums in float32; the
 `dequantize_*` passes keep the W rows apart instead. Every pass works on a batch of rows (chunks of
 one flat gradient, each with its own levels or norms). Rounding compares |g| with the upper half of
-the (antisymmetric) levels only, or, where the levels are equally spaced (TUQSGD, QSGD), computes the
-code without a search; lookups in tables of up to 16 levels are selects, not gathers.
+the (antisymmetric) levels only, or, where the levels have at most two spacings (TUQSGD, TBQSGD,
+QSGD), computes the code without a search; lookups in tables of up to 16 levels are selects, not gathers.
 
 Each pass is plain torch: inductor turns it into vectorised C++ on CPU and Triton on CUDA, once per
 bit width (tensor sizes are dynamic: they do not recompile). Set HOROVOD_TRUNCQ_COMPILE=0 to
