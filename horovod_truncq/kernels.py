@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 
 from . import noise
-from .packing import pack_words, unpack_words
+from .packing import TILE, map_blocks, pack_words
 
 log = logging.getLogger("horovod_truncq")
 
@@ -34,6 +34,7 @@ COMPILE_ENV = "HOROVOD_TRUNCQ_COMPILE"
 COMPILE_MIN_ELEMENTS = 1 << 14  # smaller tensors run eagerly: a compiled call's fixed cost is larger
 _TINY = torch.finfo(torch.float32).tiny
 _SEARCH_BY_COMPARISON = 16      # tables up to this size: compare with every level, no gathers
+_SEARCH_UP_TO = 9               # tables up to this size are searched even where arithmetic could round: faster
 
 
 # ---------------------------------------------------------------- statistics
@@ -121,18 +122,35 @@ def _round_two_steps(v: torch.Tensor, table: torch.Tensor, key: tuple[int, int],
     return torch.where(v >= last, float(top), code)
 
 
+def _round_powers_of_two(ratio: torch.Tensor, count: int, key: tuple[int, int], start: int) -> torch.Tensor:
+    """Codes (float32 integers) of stochastic rounding of ratio in [0, 1] to the magnitudes
+    {0, 2^-(count-2), ..., 1/2, 1} (NQSGD), read off the float32 bits instead of searched for.
+
+    A ratio of at least 2^-(count-2) >= 2^-126 is a normal float 2^e (1 + f): it lies in
+    [2^e, 2^(e+1)], interval e + count - 1, and goes up with probability f, its 23 mantissa bits
+    (exactly (ratio - lo) / (hi - lo)); smaller ratios lie in [0, 2^-(count-2)] and go up with
+    probability ratio * 2^(count-2), computed exactly. The codes are those of `_round`."""
+    below = ratio < 2.0 ** -(count - 2)
+    bits = ratio.view(torch.int32)
+    fraction = torch.where(below, ratio * 2.0 ** (count - 2), (bits & 0x7FFFFF).float() * 2.0 ** -23)
+    lower = torch.where(below, 0.0, ((bits >> 23) - (127 - (count - 1))).float())
+    index = torch.arange(ratio.numel(), dtype=torch.int32, device=ratio.device).view(ratio.shape) + start
+    return torch.where(noise.uniform(index, key) < fraction, lower + 1.0, lower)
+
+
 def round_to_levels(x: torch.Tensor, levels: torch.Tensor, key: tuple[int, int], start: int,
-                    stochastic: bool = True, two_steps: bool = False) -> torch.Tensor:
+                    stochastic: bool = True, rule: str = "search") -> torch.Tensor:
     """uint8 codes of each row of x (rows, n), clamped to [first, last] of its row of levels (rows, L).
 
     The levels are antisymmetric (levels.py), so |x| is rounded on the upper half, preceded by the
     largest negative level (the interval that straddles zero): [-m0, m0, m1, ..., a], L/2 + 1 entries
-    and half the comparisons. The sign then mirrors the code. `two_steps`: levels of at most two
-    spacings (`_round_two_steps`), rounded arithmetically (stochastic rounding only)."""
+    and half the comparisons. The sign then mirrors the code. `rule` "two_steps": levels of at most two
+    spacings, rounded arithmetically (`_round_two_steps`; stochastic rounding of more than
+    _SEARCH_UP_TO entries only); else "search"."""
     half = levels.shape[-1] // 2
     upper = levels[:, half - 1:]
     magnitude = x.abs().clamp(max=levels[:, -1:])
-    if two_steps and stochastic:
+    if rule == "two_steps" and stochastic and upper.shape[-1] > _SEARCH_UP_TO:
         index = _round_two_steps(magnitude, upper, key, start)
     else:
         index = _round(magnitude, upper, key, start, stochastic)
@@ -140,14 +158,17 @@ def round_to_levels(x: torch.Tensor, levels: torch.Tensor, key: tuple[int, int],
 
 
 def round_scaled(buckets: torch.Tensor, inverse_norms: torch.Tensor, magnitudes: torch.Tensor,
-                 key: tuple[int, int], start: int, bits: int, two_steps: bool = False) -> torch.Tensor:
+                 key: tuple[int, int], start: int, bits: int, rule: str = "search") -> torch.Tensor:
     """uint8 codes sign << (bits - 1) | magnitude index for |x| / norm of each bucket: buckets
-    (..., bucket), inverse_norms (...), magnitudes (L,) ascending from 0 to 1 (of at most two
-    spacings when `two_steps`: rounded arithmetically)."""
+    (..., bucket), inverse_norms (...), magnitudes (L,) ascending from 0 to 1. `rule` says how the
+    interval is found: "two_steps" (equally spaced: arithmetic above _SEARCH_UP_TO levels),
+    "powers_of_two" (NQSGD's magnitudes: from the float's bits) or "search"."""
     ratio = (buckets.abs() * inverse_norms.unsqueeze(-1)).clamp(0, 1)
     sign = torch.where(buckets < 0, float(1 << (bits - 1)), 0.0)
-    if two_steps:
+    if rule == "two_steps" and magnitudes.shape[-1] > _SEARCH_UP_TO:
         index = _round_two_steps(ratio, magnitudes, key, start)
+    elif rule == "powers_of_two":
+        index = _round_powers_of_two(ratio, magnitudes.shape[-1], key, start)
     else:
         index = _round(ratio, magnitudes, key, start)
     return (index + sign).to(torch.uint8)
@@ -176,38 +197,44 @@ def _lookup(codes: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
 
 def dequantize_levels(words: torch.Tensor, levels: torch.Tensor, bits: int) -> torch.Tensor:
     """float32 levels[row][code] for every code of each row of packed words (rows, b m), levels
-    (rows, L): (rows, 32, m) values in packing order, padding codes included."""
-    return _lookup(unpack_words(words, bits), levels)
+    (rows, L): (rows, 32 m) in code order, padding codes included."""
+    return map_blocks(words, bits, lambda codes, first: _lookup(codes, levels))
 
 
 def sum_levels(words: torch.Tensor, levels: torch.Tensor, bits: int) -> torch.Tensor:
-    """The float32 sum over rows of `dequantize_levels`: (32, m)."""
-    return dequantize_levels(words, levels, bits).sum(dim=0)
+    """The float32 sum over rows of `dequantize_levels`: (32 m,)."""
+    return map_blocks(words, bits, lambda codes, first: _lookup(codes, levels), total=True)
+
+
+def _scaled(codes: torch.Tensor, first: torch.Tensor, norms: torch.Tensor, magnitudes: torch.Tensor,
+            bucket: int, bits: int) -> torch.Tensor:
+    """±magnitudes[code] * norm of the code's bucket for the codes of one block (see map_blocks)."""
+    magnitude = _lookup(codes & ((1 << (bits - 1)) - 1), magnitudes)
+    signed = torch.where(codes >> (bits - 1) > 0, -magnitude, magnitude)
+    buckets = norms.shape[1]
+    index = first
+    if buckets > 1 and not (first.dim() == 3 and bucket % TILE == 0):
+        # a whole block's row lies in one bucket when the bucket size is a multiple of TILE; else per code
+        index = first + torch.arange(codes.shape[-1], dtype=torch.int32, device=codes.device)
+    # i // bucket without int32 division (not vectorised on CPU): (i + 0.5) / bucket lies 0.5 / bucket
+    # from an integer, and float64 rounds it by less than i * 2^-53 / bucket, so its floor is exact
+    quotient = torch.floor((index.double() + 0.5) / bucket).to(torch.int32).clamp(max=buckets - 1)
+    sender = torch.arange(norms.shape[0], dtype=torch.int32, device=codes.device) * buckets
+    return signed * norms.reshape(-1)[quotient + sender.view(-1, *[1] * quotient.dim())]
 
 
 def dequantize_scaled(words: torch.Tensor, norms: torch.Tensor, magnitudes: torch.Tensor, bucket: int,
                       bits: int) -> torch.Tensor:
     """float32 ±magnitudes[code] * norm of the code's bucket for each row of packed words (rows, b m),
-    norms (rows, buckets): (rows, 32, m) in packing order; padding codes have zero magnitude."""
-    codes = unpack_words(words, bits)
-    magnitude = _lookup(codes & ((1 << (bits - 1)) - 1), magnitudes)
-    signed = torch.where(codes >> (bits - 1) > 0, -magnitude, magnitude)
-    rows, columns = codes.shape[-2:]
-    index = torch.arange(rows, dtype=torch.int32, device=words.device).unsqueeze(1) * columns + \
-        torch.arange(columns, dtype=torch.int32, device=words.device)
-    buckets = norms.shape[1]
-    # i // bucket without int32 division (not vectorised on CPU): (i + 0.5) / bucket lies 0.5 / bucket
-    # from an integer, and float64 rounds it by less than i * 2^-53 / bucket, so its floor is exact
-    quotient = torch.floor((index.double() + 0.5) / bucket).to(torch.int32)
-    bucket_of = quotient.clamp(max=buckets - 1) + \
-        torch.arange(norms.shape[0], dtype=torch.int32, device=words.device).view(-1, 1, 1) * buckets
-    return signed * norms.reshape(-1)[bucket_of]
+    norms (rows, buckets): (rows, 32 m) in code order; padding codes have zero magnitude."""
+    return map_blocks(words, bits, lambda codes, first: _scaled(codes, first, norms, magnitudes, bucket, bits))
 
 
 def sum_scaled(words: torch.Tensor, norms: torch.Tensor, magnitudes: torch.Tensor, bucket: int,
                bits: int) -> torch.Tensor:
-    """The float32 sum over rows of `dequantize_scaled`: (32, m)."""
-    return dequantize_scaled(words, norms, magnitudes, bucket, bits).sum(dim=0)
+    """The float32 sum over rows of `dequantize_scaled`: (32 m,)."""
+    return map_blocks(words, bits, lambda codes, first: _scaled(codes, first, norms, magnitudes, bucket, bits),
+                      total=True)
 
 
 # ---------------------------------------------------------------- compile or run eagerly

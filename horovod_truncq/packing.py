@@ -1,20 +1,24 @@
 """Dense bit packing in 32-bit words: 32 codes of b bits (1 <= b <= 8) in b int32 words.
 
-Layout: n codes are padded with zero codes to 32 m (m = ceil(n / 32)) and read as 32 rows of m
-(code i sits in row i // m, column i % m). Column g, the 32 codes g, m + g, ..., 31 m + g, is a
-little-endian bit stream of b words: row k occupies its bits [b k, b k + b), and word j holds bits
-[32 j, 32 j + 32). Word j of column g is stored at j m + g, so the packed array is b rows of m words
-and every pass reads and writes whole contiguous rows (vectorised on CPU, coalesced on GPU). n codes
-take 4 b m bytes: 8 codes of b bits per b bytes. Every intermediate is int32 or uint8; the functions
-are plain torch and run eagerly or inside a compiled kernel (kernels.py), on CPU and CUDA alike.
+Layout: n codes are padded with zero codes to 32 m (m = ceil(n / 32)) and cut into blocks of
+32 TILE codes, the last block holding the remaining 32 r codes (1 <= r <= TILE). A block of 32 c
+codes is read as 32 rows of c (its code i sits in row i // c, column i % c). Column g, the 32 codes
+g, c + g, ..., 31 c + g, is a little-endian bit stream of b words: row k occupies its bits
+[b k, b k + b), and word j holds bits [32 j, 32 j + 32). Word j of column g is stored at j c + g
+within the block's b c words, and the blocks follow each other. Every pass reads and writes whole
+contiguous rows of a block (vectorised on CPU, coalesced on GPU), and a block's words, b TILE of
+them, stay in the first-level cache while its 32 rows are unpacked. n codes take 4 b m bytes: 8
+codes of b bits per b bytes. Every intermediate is int32 or uint8; the functions are plain torch
+and run eagerly or inside a compiled kernel (kernels.py), on CPU and CUDA alike.
 """
 from __future__ import annotations
 
-import functools
+from typing import Callable
 
 import torch
 
-BLOCK = 32  # codes per block; a block of b-bit codes is b words
+BLOCK = 32  # codes per column; a column of b-bit codes is b words
+TILE = 64   # columns per block
 
 
 def check_bits(bits: int) -> None:
@@ -36,38 +40,86 @@ def _shifted(code: torch.Tensor, shift: int) -> torch.Tensor:
     return code << shift if shift >= 0 else code >> -shift
 
 
-def pack_words(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Codes in [0, 2**bits) (any integer dtype) -> int32 words over the last dimension:
-    (..., n) -> (..., b m), on the same device."""
-    numel = codes.shape[-1]
-    padded = torch.nn.functional.pad(codes.to(torch.int32), (0, -(-numel // BLOCK) * BLOCK - numel))
-    rows = padded.view(*codes.shape[:-1], BLOCK, -1)
-    words = []
-    for word in range(bits):
-        # the rows whose bits overlap this word, each shifted into place (their bits never collide)
-        terms = [_shifted(rows[..., k, :], bits * k - 32 * word)
-                 for k in range(BLOCK) if -bits < bits * k - 32 * word < 32]
-        words.append(functools.reduce(torch.bitwise_or, terms))
-    return torch.stack(words, dim=-2).flatten(-2)
+def _pack_block(rows: torch.Tensor, bits: int) -> torch.Tensor:
+    """int32 codes (..., 32, c) -> their b words per column (..., b, c).
+
+    One expression over (word j, column g): word j ORs the rows k = 32 j // b, ... whose bits
+    overlap it, each shifted into place (their bits never collide); the row index and the shift are
+    tensors of j, so that a compiled kernel writes all b words in one loop with g innermost."""
+    j = torch.arange(bits, dtype=torch.int32, device=rows.device)
+    words = torch.zeros((), dtype=torch.int32, device=rows.device)
+    for later in range(32 // bits + 2):
+        k = (32 * j) // bits + later
+        shift = (bits * k - 32 * j).view(-1, 1)
+        overlaps = ((k < BLOCK) & (shift.view(-1) < 32)).view(-1, 1)
+        term = rows[..., k.clamp(max=BLOCK - 1), :]
+        shifted = torch.where(shift >= 0, term << shift.clamp(min=0), term >> (-shift).clamp(min=0))
+        words = words | torch.where(overlaps, shifted, 0)
+    return words
 
 
-def unpack_words(words: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of `pack_words` over the last dimension: (..., b m) int32 -> (..., 32, m) int32 codes,
-    code i at [..., i // m, i % m].
+def _unpack_block(words: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of `_pack_block`: (..., b, c) words -> (..., 32, c) int32 codes.
 
     Written as one expression over (row k, column g) whose word index and shifts are tensors of k,
     so that a compiled kernel keeps g as its vectorised inner loop and never branches on k."""
-    rows = words.view(*words.shape[:-1], bits, -1)
     k = torch.arange(BLOCK, dtype=torch.int32, device=words.device)
     first = (k * bits) // 32
     offset = ((k * bits) % 32).unsqueeze(1)
     if 32 % bits == 0:  # 1, 2, 4 or 8 bits: no code straddles two words
-        return (rows[..., first, :] >> offset) & ((1 << bits) - 1)
+        return (words[..., first, :] >> offset) & ((1 << bits) - 1)
     low_mask = ((1 << (32 - offset).to(torch.int64)) - 1).to(torch.int32)  # a logical right shift
-    low = (rows[..., first, :] >> offset) & low_mask
+    low = (words[..., first, :] >> offset) & low_mask
     second = (first + 1).clamp(max=bits - 1)
-    high = torch.where(offset + bits > 32, rows[..., second, :] << (32 - offset).clamp(max=31), 0)
+    high = torch.where(offset + bits > 32, words[..., second, :] << (32 - offset).clamp(max=31), 0)
     return (low | high) & ((1 << bits) - 1)
+
+
+def _whole_blocks(columns: int) -> int:
+    """Blocks of TILE columns before the last block, which keeps 1 to TILE columns: never empty,
+    so a compiled pass sees no size-0 piece (one that would specialise it to such sizes)."""
+    return max(columns - 1, 0) // TILE
+
+
+def pack_words(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes in [0, 2**bits) (any integer dtype) -> int32 words over the last dimension:
+    (..., n) -> (..., b m), on the same device. Only the last block holds padding."""
+    lead, numel = codes.shape[:-1], codes.shape[-1]
+    columns = -(-numel // BLOCK)
+    full = _whole_blocks(columns) * TILE * BLOCK
+    head = _pack_block(codes[..., :full].to(torch.int32).view(*lead, -1, BLOCK, TILE), bits)
+    last = torch.nn.functional.pad(codes[..., full:].to(torch.int32), (0, columns * BLOCK - numel))
+    rest = _pack_block(last.view(*lead, BLOCK, -1), bits)
+    return torch.cat([head.flatten(-3), rest.flatten(-2)], dim=-1)
+
+
+def map_blocks(words: torch.Tensor, bits: int, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+               total: bool = False) -> torch.Tensor:
+    """fn applied to the codes of every block of packed words (..., b m), in code order: (..., 32 m),
+    or, when `total`, its sum over the first dimension (32 m,).
+
+    fn(codes, first) gets the int32 codes of the whole blocks, (..., blocks, 32, TILE), and then of
+    the last block, (..., 32, r), with `first`, the index of each block row's first code, of shape
+    (blocks, 32, 1) and (32, 1), and returns values of the codes' shape. Each piece is summed before
+    the two are joined, so that a compiled pass writes the sums straight into the result."""
+    lead, length = words.shape[:-1], words.shape[-1]
+    columns = length // bits
+    blocks = _whole_blocks(columns)
+    rest = columns - blocks * TILE
+    row = torch.arange(BLOCK, dtype=torch.int32, device=words.device).view(BLOCK, 1)
+    block_start = torch.arange(blocks, dtype=torch.int32, device=words.device).view(-1, 1, 1) * (BLOCK * TILE)
+    head = fn(_unpack_block(words[..., :blocks * TILE * bits].view(*lead, blocks, bits, TILE), bits),
+              block_start + row * TILE).flatten(-3)
+    tail = fn(_unpack_block(words[..., blocks * TILE * bits:].view(*lead, bits, rest), bits),
+              blocks * (BLOCK * TILE) + row * rest).flatten(-2)
+    if total:
+        head, tail = head.sum(dim=0), tail.sum(dim=0)
+    return torch.cat([head, tail], dim=-1)
+
+
+def unpack_words(words: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of `pack_words` over the last dimension: (..., b m) int32 -> (..., 32 m) int32 codes."""
+    return map_blocks(words, bits, lambda codes, first: codes)
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -82,4 +134,4 @@ def unpack(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     if packed.numel() != packed_size(numel, bits):
         raise ValueError(f"{packed.numel()} packed bytes cannot hold {numel} codes of {bits} bits "
                          f"(expected {packed_size(numel, bits)})")
-    return unpack_words(packed.view(torch.int32), bits).reshape(-1)[:numel]
+    return unpack_words(packed.view(torch.int32), bits)[:numel]

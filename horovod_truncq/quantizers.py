@@ -55,7 +55,9 @@ class Quantizer:
     min_bits = 1
     tail_id = 0
     truncated = False  # True for the truncated schemes, False for the QSGD-style baselines
-    two_step_levels = False  # True where the levels have at most two spacings: rounded without a search
+    # how rounding finds an element's interval: "search" (comparisons or a binary search), "two_steps"
+    # (levels of at most two spacings: arithmetic) or "powers_of_two" (NQSGD: the float's exponent)
+    rounding = "search"
 
     def __init__(self, bits: int = 4, seed: Optional[int] = None) -> None:
         if isinstance(bits, bool) or not isinstance(bits, int) or not self.min_bits <= bits <= 8:
@@ -364,7 +366,7 @@ class _Truncated(Quantizer):
     def _encode(self, x: torch.Tensor, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         levels, nonfinite = self._levels_and_flag(x)
         codes = kernels.round_to_levels_kernel(x.numel(), x, levels, key, 0, stochastic=not self.scaled_sign,
-                                               two_steps=self.two_step_levels)
+                                               rule=self.rounding)
         return levels, codes, nonfinite
 
     def _dequantize(self, words: torch.Tensor, side: torch.Tensor, numel: int, total: bool) -> torch.Tensor:
@@ -391,7 +393,7 @@ class TUQSGD(_Truncated):
 
     scheme = "tuqsgd"
     scheme_id = 1
-    two_step_levels = True
+    rounding = "two_steps"
 
     def _choose_levels(self, params, amax, amin):
         if self.tail is Laplace:
@@ -422,7 +424,7 @@ class TBQSGD(_Truncated):
     scheme = "tbqsgd"
     scheme_id = 3
     min_bits = 2
-    two_step_levels = True
+    rounding = "two_steps"
 
     def _choose_levels(self, params, amax, amin):
         a, c, s1 = lv.biscaled_threshold(self.tail, params, amax, self.s).unbind(dim=-1)
@@ -479,10 +481,10 @@ class _NormScaled(Quantizer):
         inverse = torch.where((norms > 0) & torch.isfinite(norms), 1 / norms, 0.0)
         magnitudes = _magnitudes(self.scheme, self.magnitude_count, x.device)
         codes = kernels.round_scaled_kernel(x.numel(), full, inverse[:, : full.shape[1]], magnitudes, key, 0,
-                                            bits=self.bits, two_steps=self.two_step_levels).view(rows, whole)
+                                            bits=self.bits, rule=self.rounding).view(rows, whole)
         if rest.shape[1]:  # noise indices after those of the whole buckets
             tail = kernels.round_scaled(rest, inverse[:, -1], magnitudes, key, rows * whole, bits=self.bits,
-                                        two_steps=self.two_step_levels)
+                                        rule=self.rounding)
             codes = torch.cat([codes, tail], dim=1)
         return norms, codes, torch.zeros(rows, dtype=torch.bool, device=x.device)
 
@@ -497,7 +499,7 @@ class QSGD(_NormScaled):
 
     scheme = "qsgd"
     scheme_id = 4
-    two_step_levels = True
+    rounding = "two_steps"
 
 
 class NQSGD(_NormScaled):
@@ -505,6 +507,7 @@ class NQSGD(_NormScaled):
 
     scheme = "nqsgd"
     scheme_id = 5
+    rounding = "powers_of_two"
 
 
 SCHEMES = {cls.scheme: cls for cls in (TUQSGD, TNQSGD, TBQSGD, QSGD, NQSGD)}

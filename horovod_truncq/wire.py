@@ -1,4 +1,4 @@
-"""The payload format, version 2: exactly the bytes that travel for one tensor.
+"""The payload format, version 3: exactly the bytes that travel for one tensor.
 
     offset    size   field
     0         2      magic b"TQ"
@@ -27,7 +27,7 @@ import struct
 from dataclasses import dataclass
 
 MAGIC = b"TQ"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 HEADER_BYTES = 16
 FLAGS_OFFSET = 6
 FLAG_NONFINITE = 1

@@ -26,7 +26,9 @@ CASES = [
     (htq.TBQSGD, dict(bits=2)),
     (htq.TBQSGD, dict(bits=8)),
     (htq.QSGD, dict(bits=4, bucket_size=500)),
+    (htq.QSGD, dict(bits=3, bucket_size=512)),
     (htq.NQSGD, dict(bits=3)),
+    (htq.NQSGD, dict(bits=8, bucket_size=1024)),
 ]
 
 
@@ -67,3 +69,23 @@ def test_failed_compilation_falls_back_to_eager(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "same payload" in done.stdout
     assert "torch.compile failed" in done.stderr and "runs eagerly from now on" in done.stderr
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_powers_of_two_rounding_matches_the_search(bits):
+    """NQSGD's codes read off the float's bits are those of the interval search, with the same noise,
+    for ratios spread over every octave, on the levels and next to them. At 8 bits the search scales
+    the noise by 2^-126 into subnormals, which round: ratios below the first level are left out."""
+    count = 2 ** (bits - 1)
+    magnitudes = torch.cat([torch.zeros(1), torch.exp2(-torch.arange(count - 2, -1, -1, dtype=torch.float32))])
+    generator = torch.Generator().manual_seed(bits)
+    spread = torch.rand(200_000, generator=generator) * torch.exp2(-torch.randint(0, count, (200_000,),
+                                                                               generator=generator).float())
+    ratio = torch.cat([spread, magnitudes, torch.nextafter(magnitudes, torch.tensor(2.0)),
+                       torch.nextafter(magnitudes, torch.tensor(-1.0)).clamp(min=0)]).clamp(0, 1)
+    if bits == 8:
+        ratio = ratio[(ratio >= magnitudes[1]) | (ratio == 0)]
+    key = (4242, 77)
+    searched = kernels._round(ratio, magnitudes, key, 5)
+    assert torch.equal(kernels._round_powers_of_two(ratio, count, key, 5), searched)
+    assert set(searched.unique().tolist()) == set(range(count))  # every interval was exercised

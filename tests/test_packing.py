@@ -5,20 +5,26 @@ from horovod_truncq import pack, packed_size, unpack
 
 
 def reference_pack(codes: list[int], bits: int) -> bytes:
-    """The layout of packing.py in plain Python: 32 rows of m codes; column g is a little-endian bit
-    stream of b words (row k at bits [b k, b k + b)); word j of column g is stored at j m + g."""
+    """The layout of packing.py in plain Python: blocks of 32 x 64 codes, the last one 32 x r, each
+    read as 32 rows of c codes; column g of a block is a little-endian bit stream of b words (row k
+    at bits [b k, b k + b)); word j of column g is stored at j c + g of the block's words."""
     m = -(-len(codes) // 32)
     padded = codes + [0] * (32 * m - len(codes))
-    words = [0] * (bits * m)
-    for g in range(m):
-        stream = sum(padded[k * m + g] << (bits * k) for k in range(32))
-        for j in range(bits):
-            words[j * m + g] = (stream >> (32 * j)) & 0xFFFFFFFF
+    words = []
+    for start in range(0, m, 64):
+        c = min(64, m - start)
+        block = padded[32 * start: 32 * (start + c)]
+        block_words = [0] * (bits * c)
+        for g in range(c):
+            stream = sum(block[k * c + g] << (bits * k) for k in range(32))
+            for j in range(bits):
+                block_words[j * c + g] = (stream >> (32 * j)) & 0xFFFFFFFF
+        words += block_words
     return b"".join(word.to_bytes(4, "little") for word in words)
 
 
 @pytest.mark.parametrize("bits", range(1, 9))
-@pytest.mark.parametrize("numel", [0, 1, 7, 8, 9, 31, 32, 33, 1000003])
+@pytest.mark.parametrize("numel", [0, 1, 7, 8, 9, 31, 32, 33, 2047, 2048, 2080, 1000003])
 def test_round_trip(bits, numel):
     codes = torch.randint(0, 2 ** bits, (numel,), generator=torch.Generator().manual_seed(bits * 31 + numel))
     packed = pack(codes, bits)
@@ -28,7 +34,7 @@ def test_round_trip(bits, numel):
 
 
 @pytest.mark.parametrize("bits", range(1, 9))
-@pytest.mark.parametrize("numel", [37, 64, 100])
+@pytest.mark.parametrize("numel", [37, 64, 100, 2048, 2049, 2 * 2048 + 100])
 def test_layout_matches_reference(bits, numel):
     codes = torch.randint(0, 2 ** bits, (numel,), generator=torch.Generator().manual_seed(bits))
     assert bytes(pack(codes, bits).tolist()) == reference_pack(codes.tolist(), bits)

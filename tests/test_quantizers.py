@@ -108,6 +108,26 @@ def test_side_information_counts():
     assert htq.QSGD(bits=3, bucket_size=512).side_info_count(1025) == 3
 
 
+@pytest.mark.parametrize("cls", [htq.QSGD, htq.NQSGD])
+@pytest.mark.parametrize("bucket_size", [512, 100, None])
+def test_norm_scaled_decode_scales_each_code_by_its_buckets_norm(cls, bucket_size):
+    """decode equals sign * magnitude[code] * norm[i // bucket] computed in plain torch from the
+    payload's norms and unpacked codes, over several whole packing blocks and a partial last one
+    (compiled path), with buckets aligned to the blocks' rows (512), not aligned (100) and one."""
+    n, bits = 40_000, 3
+    q = cls(bits=bits, bucket_size=bucket_size, seed=2)
+    x = laplace(n, seed=5) * torch.linspace(0.1, 10, n)  # a different norm in every bucket
+    payload = q.encode(x)
+    count = q.side_info_count(n)
+    norms = payload[16:16 + 4 * count].clone().view(torch.float32)
+    codes = htq.unpack(payload[16 + 4 * count:], bits, n).long()
+    magnitudes = [0, 1 / 3, 2 / 3, 1] if cls is htq.QSGD else [0, 0.25, 0.5, 1]
+    magnitude = torch.tensor(magnitudes)[codes & 3]
+    expected = torch.where(codes >= 4, -magnitude, magnitude) * norms[torch.arange(n) // (bucket_size or n)]
+    torch.testing.assert_close(q.decode(payload, (n,)), expected, rtol=1e-6, atol=0)
+    torch.testing.assert_close(q.decode_sum(torch.stack([payload, payload]), (n,)), 2 * expected, rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("cls", TRUNCATED)
 def test_levels_travel_in_the_payload(cls):
     q = cls(bits=3, seed=0)
