@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import types
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -85,12 +85,29 @@ def _interval(v: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor, torch
     return index.float(), flat[index + row], flat[index + 1 + row]
 
 
+def _interval_near(v: torch.Tensor, table: torch.Tensor, position: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`_interval` for v (rows, n) in a table (rows, L), given each v's approximate position in it,
+    within one of its interval's index: two gathers read the guessed interval and a third the end
+    that a move by one needs, where a binary search gathers twice per halving. Non-finite
+    positions (rows flagged NaN) stay in range."""
+    size = table.shape[-1]
+    index = torch.where(position > 0, position, 0.0).clamp(max=size - 2).to(torch.int64)  # NaN to 0
+    lo, hi = table.gather(-1, index), table.gather(-1, index + 1)
+    below, above = (v < lo) & (index > 0), (v >= hi) & (index < size - 2)
+    other = table.gather(-1, torch.where(below, index - 1, torch.where(above, index + 2, index)))
+    index = torch.where(below, index - 1, torch.where(above, index + 1, index))
+    return (index.float(), torch.where(below, other, torch.where(above, hi, lo)),
+            torch.where(below, lo, torch.where(above, other, hi)))
+
+
 def _round(v: torch.Tensor, table: torch.Tensor, key: tuple[int, int], start: int,
-           stochastic: bool = True) -> torch.Tensor:
+           stochastic: bool = True, position: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Codes (float32 integers) of stochastic rounding of v to `table`: the upper end of its interval with
     probability (v - lo) / (hi - lo), so E[table[code]] = v. Element i of v (row-major) draws the
-    noise at index start + i. Not `stochastic`: the nearer end (the lower one on a tie)."""
-    lower, lo, hi = _interval(v, table)
+    noise at index start + i. Not `stochastic`: the nearer end (the lower one on a tie). `position`:
+    an estimate of v's interval index (`_interval_near`) instead of a search."""
+    lower, lo, hi = _interval(v, table) if position is None else _interval_near(v, table, position)
     if stochastic:
         index = torch.arange(v.numel(), dtype=torch.int32, device=v.device).view(v.shape) + start
         up = noise.uniform(index, key) * (hi - lo) < v - lo  # u < (v - lo) / (hi - lo), without a division
@@ -138,20 +155,32 @@ def _round_powers_of_two(ratio: torch.Tensor, count: int, key: tuple[int, int], 
     return torch.where(noise.uniform(index, key) < fraction, lower + 1.0, lower)
 
 
+def searched_near_a_guess(levels: int) -> bool:
+    """Whether `round_to_levels` uses a companding guess for this many levels (the upper half is
+    too large to compare with every level), rather than ignoring it."""
+    return levels // 2 + 1 > _SEARCH_BY_COMPARISON
+
+
 def round_to_levels(x: torch.Tensor, levels: torch.Tensor, key: tuple[int, int], start: int,
-                    stochastic: bool = True, rule: str = "search") -> torch.Tensor:
+                    companding: Optional[torch.Tensor] = None, stochastic: bool = True,
+                    rule: str = "search") -> torch.Tensor:
     """uint8 codes of each row of x (rows, n), clamped to [first, last] of its row of levels (rows, L).
 
     The levels are antisymmetric (levels.py), so |x| is rounded on the upper half, preceded by the
     largest negative level (the interval that straddles zero): [-m0, m0, m1, ..., a], L/2 + 1 entries
     and half the comparisons. The sign then mirrors the code. `rule` "two_steps": levels of at most two
     spacings, rounded arithmetically (`_round_two_steps`; stochastic rounding of more than
-    _SEARCH_UP_TO entries only); else "search"."""
+    _SEARCH_UP_TO entries only); else "search". `companding` (rows, 2), [k0, k1]: levels whose
+    upper-half index is about (exp(k0 |x|) - 1) k1 + 1/2 (TNQSGD under the Laplace model), searched
+    near that guess (`_interval_near`) when the table is too large to compare with every level."""
     half = levels.shape[-1] // 2
     upper = levels[:, half - 1:]
     magnitude = x.abs().clamp(max=levels[:, -1:])
     if rule == "two_steps" and stochastic and upper.shape[-1] > _SEARCH_UP_TO:
         index = _round_two_steps(magnitude, upper, key, start)
+    elif companding is not None and searched_near_a_guess(levels.shape[-1]):
+        position = (torch.exp(magnitude * companding[:, :1]) - 1) * companding[:, 1:] + 0.5
+        index = _round(magnitude, upper, key, start, stochastic, position)
     else:
         index = _round(magnitude, upper, key, start, stochastic)
     return torch.where(x < 0, half - index, index + (half - 1)).to(torch.uint8)
@@ -181,15 +210,14 @@ def _lookup(codes: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     larger ones are gathered."""
     size = table.shape[-1]
     if size > _SEARCH_BY_COMPARISON:
-        if table.dim() == 1:
-            return table[codes]
-        offsets = torch.arange(table.shape[0], dtype=torch.int32, device=codes.device) * size
-        return table.reshape(-1)[codes + offsets.view(-1, *[1] * (codes.dim() - 1))]
+        rows = table.shape[0] if table.dim() > 1 else 1
+        source = table.reshape(rows, *[1] * (codes.dim() - 2), size).expand(*codes.shape[:-1], size)
+        return torch.gather(source, -1, codes.long().expand(*source.shape[:-1], codes.shape[-1]))
     if table.dim() > 1:
         table = table.view(table.shape[0], *[1] * (codes.dim() - 1), size)
     values, bit = [table[..., j] for j in range(size)], 0
     while len(values) > 1:
-        is_set = (codes >> bit) & 1 > 0
+        is_set = (codes & (1 << bit)) != 0
         values = [torch.where(is_set, high, low) for low, high in zip(values[::2], values[1::2])]
         bit += 1
     return values[0].expand(codes.shape)

@@ -100,8 +100,9 @@ def map_blocks(words: torch.Tensor, bits: int, fn: Callable[[torch.Tensor, torch
 
     fn(codes, first) gets the int32 codes of the whole blocks, (..., blocks, 32, TILE), and then of
     the last block, (..., 32, r), with `first`, the index of each block row's first code, of shape
-    (blocks, 32, 1) and (32, 1), and returns values of the codes' shape. Each piece is summed before
-    the two are joined, so that a compiled pass writes the sums straight into the result."""
+    (blocks, 32, 1) and (32, 1), and returns values of the codes' shape. The whole blocks are
+    flattened before they are summed, so that a compiled pass writes their sum straight into the
+    result; the last block is summed as 32 rows, so that its pass stays vectorised over columns."""
     lead, length = words.shape[:-1], words.shape[-1]
     columns = length // bits
     blocks = _whole_blocks(columns)
@@ -111,10 +112,10 @@ def map_blocks(words: torch.Tensor, bits: int, fn: Callable[[torch.Tensor, torch
     head = fn(_unpack_block(words[..., :blocks * TILE * bits].view(*lead, blocks, bits, TILE), bits),
               block_start + row * TILE).flatten(-3)
     tail = fn(_unpack_block(words[..., blocks * TILE * bits:].view(*lead, bits, rest), bits),
-              blocks * (BLOCK * TILE) + row * rest).flatten(-2)
+              blocks * (BLOCK * TILE) + row * rest)
     if total:
         head, tail = head.sum(dim=0), tail.sum(dim=0)
-    return torch.cat([head, tail], dim=-1)
+    return torch.cat([head, tail.flatten(-2)], dim=-1)
 
 
 def unpack_words(words: torch.Tensor, bits: int) -> torch.Tensor:

@@ -355,18 +355,25 @@ class _Truncated(Quantizer):
         """Whether this copy sends the scaled sign (1 bit under error feedback)."""
         return self.under_feedback and self.bits == 1
 
-    def _levels_and_flag(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Levels (rows, 2^bits) and non-finite flags (rows,) for a (rows, n) float32 tensor."""
+    def _levels_and_flag(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """Levels (rows, 2^bits), non-finite flags (rows,) and fitted tail parameters (rows, k), None
+        for the scaled sign, for a (rows, n) float32 tensor."""
         amax, amin, total, nonfinite = kernels.abs_stats_kernel(x.numel(), x).unbind(dim=-1)
         if self.scaled_sign:
-            return lv.uniform_levels(self._clamp_threshold(total / x.shape[-1], amax, amin), 1), nonfinite > 0
+            return lv.uniform_levels(self._clamp_threshold(total / x.shape[-1], amax, amin), 1), nonfinite > 0, None
         params = self.tail.fit(x, total / x.shape[-1]).double()
-        return self._choose_levels(params, amax, amin), nonfinite > 0
+        return self._choose_levels(params, amax, amin), nonfinite > 0, params
+
+    def _companding(self, params: torch.Tensor, levels: torch.Tensor) -> Optional[torch.Tensor]:
+        """[k0, k1] per row such that an element's upper-half level index is about
+        (exp(k0 |x|) - 1) k1 + 1/2, where the levels have such a closed form (kernels.round_to_levels)."""
+        return None
 
     def _encode(self, x: torch.Tensor, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        levels, nonfinite = self._levels_and_flag(x)
-        codes = kernels.round_to_levels_kernel(x.numel(), x, levels, key, 0, stochastic=not self.scaled_sign,
-                                               rule=self.rounding)
+        levels, nonfinite, params = self._levels_and_flag(x)
+        companding = None if params is None else self._companding(params, levels)
+        codes = kernels.round_to_levels_kernel(x.numel(), x, levels, key, 0, companding,
+                                               stochastic=not self.scaled_sign, rule=self.rounding)
         return levels, codes, nonfinite
 
     def _dequantize(self, words: torch.Tensor, side: torch.Tensor, numel: int, total: bool) -> torch.Tensor:
@@ -416,6 +423,15 @@ class TNQSGD(_Truncated):
             a = lv.nonuniform_threshold(self.tail, params, amax, self.s)
         a = self._clamp_threshold(a, amax, amin)
         return lv.nonuniform_levels(self.tail, params.float(), a, self.s).float()
+
+    def _companding(self, params: torch.Tensor, levels: torch.Tensor) -> Optional[torch.Tensor]:
+        """Under the Laplace model the upper-half level i sits where the root mass reaches
+        (2 i - 1) / s of its value at a (levels.nonuniform_levels): |x| lies near index
+        (s R(|x|) / R(a) + 1) / 2 with R(x) proportional to -expm1(-x / (3 gamma))."""
+        if self.tail is not Laplace or not kernels.searched_near_a_guess(self.s + 1):
+            return None
+        k0 = -1 / (3 * params[..., 0])
+        return torch.stack([k0, self.s / (2 * torch.expm1(k0 * levels[:, -1].double()))], dim=-1).float()
 
 
 class TBQSGD(_Truncated):

@@ -89,3 +89,26 @@ def test_powers_of_two_rounding_matches_the_search(bits):
     searched = kernels._round(ratio, magnitudes, key, 5)
     assert torch.equal(kernels._round_powers_of_two(ratio, count, key, 5), searched)
     assert set(searched.unique().tolist()) == set(range(count))  # every interval was exercised
+
+
+@pytest.mark.parametrize("tensor", ["laplace", "student_t", "constant", "tiny", "huge", "sparse"])
+def test_companding_guess_finds_the_searched_interval(tensor):
+    """TNQSGD (Laplace model) at 8 bits rounds near a closed-form guess of each element's level
+    index; the codes, noise included, are those of the binary search over all the levels."""
+    generator = torch.Generator().manual_seed(11)
+    x = {"laplace": lambda: torch.empty(200_000).exponential_(generator=generator) * (torch.rand(200_000) - 0.5),
+         "student_t": lambda: heavy_tailed(200_000, 3),
+         "constant": lambda: torch.full((5000,), -2.5),
+         "tiny": lambda: torch.randn(50_000, generator=generator) * 1e-30,
+         "huge": lambda: torch.randn(50_000, generator=generator) * 1e30,
+         "sparse": lambda: torch.randn(50_000, generator=generator) * (torch.rand(50_000) < 0.01)}[tensor]()
+    q = htq.TNQSGD(bits=8, seed=0)
+    rows = x.view(1, -1)
+    levels, _, params = q._levels_and_flag(rows)
+    companding = q._companding(params, levels)
+    assert companding is not None
+    key = (99, 7)
+    guessed = kernels.round_to_levels(rows, levels, key, 0, companding)
+    assert torch.equal(guessed, kernels.round_to_levels(rows, levels, key, 0))
+    if tensor in ("laplace", "student_t"):
+        assert guessed.unique().numel() > 200  # most levels were used
