@@ -223,21 +223,52 @@ def _lookup(codes: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     return values[0].expand(codes.shape)
 
 
-def dequantize_levels(words: torch.Tensor, levels: torch.Tensor, bits: int) -> torch.Tensor:
+def _per_row(values: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """values (rows,) shaped to broadcast over codes (rows, ...)."""
+    return values.view(-1, *[1] * (codes.dim() - 1))
+
+
+def grid_values(codes: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """levels[row][code] for uniform levels (levels.uniform_levels), computed rather than looked up:
+    (2 code - s) h clamped to [-a, a], with h the level just above zero and a the last. The same
+    rounded product as the level itself, so the same float, in a few operations per code."""
+    half, end = levels.shape[-1] // 2, _per_row(levels[:, -1], codes)
+    value = (2 * codes - (levels.shape[-1] - 1)).float() * _per_row(levels[:, half], codes)
+    return torch.minimum(torch.maximum(value, -end), end)
+
+
+def _level_values(codes: torch.Tensor, levels: torch.Tensor, grid: str) -> torch.Tensor:
+    return grid_values(codes, levels) if grid == "uniform" else _lookup(codes, levels)
+
+
+def dequantize_levels(words: torch.Tensor, levels: torch.Tensor, bits: int, grid: str = "table") -> torch.Tensor:
     """float32 levels[row][code] for every code of each row of packed words (rows, b m), levels
-    (rows, L): (rows, 32 m) in code order, padding codes included."""
-    return map_blocks(words, bits, lambda codes, first: _lookup(codes, levels))
+    (rows, L): (rows, 32 m) in code order, padding codes included. `grid` "uniform": levels made by
+    levels.uniform_levels, computed by `grid_values` instead of looked up."""
+    return map_blocks(words, bits, lambda codes, first: _level_values(codes, levels, grid))
 
 
-def sum_levels(words: torch.Tensor, levels: torch.Tensor, bits: int) -> torch.Tensor:
+def sum_levels(words: torch.Tensor, levels: torch.Tensor, bits: int, grid: str = "table") -> torch.Tensor:
     """The float32 sum over rows of `dequantize_levels`: (32 m,)."""
-    return map_blocks(words, bits, lambda codes, first: _lookup(codes, levels), total=True)
+    return map_blocks(words, bits, lambda codes, first: _level_values(codes, levels, grid), total=True)
+
+
+def _magnitude_values(index: torch.Tensor, magnitudes: torch.Tensor, grid: str) -> torch.Tensor:
+    """magnitudes[index], computed where the magnitudes have a closed form: "uniform", j h clamped to
+    1 (QSGD's, quantizers._magnitudes), or "powers_of_two", 0 then 2^(j - L + 1) (NQSGD's, built from
+    the exponent bits); else ("table") looked up. The computed floats are the table's."""
+    if grid == "uniform":
+        return torch.minimum(index.float() * magnitudes[1], magnitudes[-1])
+    if grid == "powers_of_two":
+        power = ((index + (127 - (magnitudes.shape[-1] - 1))) << 23).view(torch.float32)
+        return torch.where(index > 0, power, 0.0)
+    return _lookup(index, magnitudes)
 
 
 def _scaled(codes: torch.Tensor, first: torch.Tensor, norms: torch.Tensor, magnitudes: torch.Tensor,
-            bucket: int, bits: int) -> torch.Tensor:
+            bucket: int, bits: int, grid: str) -> torch.Tensor:
     """±magnitudes[code] * norm of the code's bucket for the codes of one block (see map_blocks)."""
-    magnitude = _lookup(codes & ((1 << (bits - 1)) - 1), magnitudes)
+    magnitude = _magnitude_values(codes & ((1 << (bits - 1)) - 1), magnitudes, grid)
     signed = torch.where(codes >> (bits - 1) > 0, -magnitude, magnitude)
     buckets = norms.shape[1]
     index = first
@@ -252,16 +283,18 @@ def _scaled(codes: torch.Tensor, first: torch.Tensor, norms: torch.Tensor, magni
 
 
 def dequantize_scaled(words: torch.Tensor, norms: torch.Tensor, magnitudes: torch.Tensor, bucket: int,
-                      bits: int) -> torch.Tensor:
+                      bits: int, grid: str = "table") -> torch.Tensor:
     """float32 ±magnitudes[code] * norm of the code's bucket for each row of packed words (rows, b m),
     norms (rows, buckets): (rows, 32 m) in code order; padding codes have zero magnitude."""
-    return map_blocks(words, bits, lambda codes, first: _scaled(codes, first, norms, magnitudes, bucket, bits))
+    return map_blocks(words, bits,
+                      lambda codes, first: _scaled(codes, first, norms, magnitudes, bucket, bits, grid))
 
 
 def sum_scaled(words: torch.Tensor, norms: torch.Tensor, magnitudes: torch.Tensor, bucket: int,
-               bits: int) -> torch.Tensor:
+               bits: int, grid: str = "table") -> torch.Tensor:
     """The float32 sum over rows of `dequantize_scaled`: (32 m,)."""
-    return map_blocks(words, bits, lambda codes, first: _scaled(codes, first, norms, magnitudes, bucket, bits),
+    return map_blocks(words, bits,
+                      lambda codes, first: _scaled(codes, first, norms, magnitudes, bucket, bits, grid),
                       total=True)
 
 

@@ -118,9 +118,16 @@ def biscaled_threshold(tail, params: torch.Tensor, amax: torch.Tensor, s: int) -
 
 
 def uniform_levels(a: torch.Tensor, s: int) -> torch.Tensor:
-    """s + 1 equally spaced levels on [-a, a]."""
+    """s + 1 equally spaced float32 levels on [-a, a]: (2 j - s) h clamped to [-a, a], h = a / s
+    rounded up so that the clamp makes the ends exactly -a and a. Each level is one rounded
+    product, so a decoder that computes it from h and a (kernels.grid_values) gets the same float,
+    and the levels are exactly antisymmetric."""
+    a = a.float()
+    h = a / s
+    h = torch.where(h * s < a, torch.nextafter(h, torch.full_like(h, math.inf)), h)
     j = torch.arange(s + 1, device=a.device, dtype=torch.float32)
-    return _antisymmetric(-a.unsqueeze(-1) + 2 * a.unsqueeze(-1) * j / s, a)
+    end = a.unsqueeze(-1)
+    return torch.minimum(torch.maximum((2 * j - s) * h.unsqueeze(-1), -end), end)
 
 
 def nonuniform_levels(tail, params: torch.Tensor, a: torch.Tensor, s: int) -> torch.Tensor:

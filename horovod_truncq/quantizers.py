@@ -58,6 +58,9 @@ class Quantizer:
     # how rounding finds an element's interval: "search" (comparisons or a binary search), "two_steps"
     # (levels of at most two spacings: arithmetic) or "powers_of_two" (NQSGD: the float's exponent)
     rounding = "search"
+    # how decoding finds a code's level: "table" (look it up), or computed from the levels' closed form,
+    # "uniform" (TUQSGD, QSGD) or "powers_of_two" (NQSGD), to the same float
+    grid = "table"
 
     def __init__(self, bits: int = 4, seed: Optional[int] = None) -> None:
         if isinstance(bits, bool) or not isinstance(bits, int) or not self.min_bits <= bits <= 8:
@@ -378,7 +381,7 @@ class _Truncated(Quantizer):
 
     def _dequantize(self, words: torch.Tensor, side: torch.Tensor, numel: int, total: bool) -> torch.Tensor:
         kernel = kernels.sum_levels_kernel if total else kernels.dequantize_levels_kernel
-        return kernel(numel * side.shape[0], words, side, bits=self.bits)
+        return kernel(numel * side.shape[0], words, side, bits=self.bits, grid=self.grid)
 
     @staticmethod
     def _clamp_threshold(a: torch.Tensor, amax: torch.Tensor, amin: torch.Tensor) -> torch.Tensor:
@@ -401,6 +404,7 @@ class TUQSGD(_Truncated):
     scheme = "tuqsgd"
     scheme_id = 1
     rounding = "two_steps"
+    grid = "uniform"
 
     def _choose_levels(self, params, amax, amin):
         if self.tail is Laplace:
@@ -450,9 +454,13 @@ class TBQSGD(_Truncated):
 
 @functools.lru_cache(maxsize=64)
 def _magnitudes(scheme: str, count: int, device: torch.device) -> torch.Tensor:
-    """The fixed magnitude levels in [0, 1] of QSGD (uniform) and NQSGD (powers of two)."""
+    """The fixed magnitude levels in [0, 1] of QSGD (uniform) and NQSGD (powers of two). QSGD's are
+    j h clamped to 1, h = 1 / (count - 1) rounded up so that the last is exactly 1: one rounded
+    product each, which decoding computes instead of looking up (kernels._scaled)."""
     if scheme == "qsgd":
-        return torch.linspace(0, 1, count, device=device)
+        step = torch.tensor(1 / (count - 1), dtype=torch.float32)
+        step = torch.where(step * (count - 1) < 1, torch.nextafter(step, torch.tensor(2.0)), step)
+        return torch.minimum(torch.arange(count, dtype=torch.float32) * step, torch.tensor(1.0)).to(device)
     exponents = torch.arange(count - 2, -1, -1, device=device, dtype=torch.float32)
     return torch.cat([torch.zeros(1, device=device), torch.exp2(-exponents)])
 
@@ -507,7 +515,8 @@ class _NormScaled(Quantizer):
     def _dequantize(self, words: torch.Tensor, side: torch.Tensor, numel: int, total: bool) -> torch.Tensor:
         magnitudes = _magnitudes(self.scheme, self.magnitude_count, words.device)
         kernel = kernels.sum_scaled_kernel if total else kernels.dequantize_scaled_kernel
-        return kernel(numel * side.shape[0], words, side, magnitudes, bucket=self._bucket(numel), bits=self.bits)
+        return kernel(numel * side.shape[0], words, side, magnitudes, bucket=self._bucket(numel), bits=self.bits,
+                      grid=self.grid)
 
 
 class QSGD(_NormScaled):
@@ -516,6 +525,7 @@ class QSGD(_NormScaled):
     scheme = "qsgd"
     scheme_id = 4
     rounding = "two_steps"
+    grid = "uniform"
 
 
 class NQSGD(_NormScaled):
@@ -524,6 +534,7 @@ class NQSGD(_NormScaled):
     scheme = "nqsgd"
     scheme_id = 5
     rounding = "powers_of_two"
+    grid = "powers_of_two"
 
 
 SCHEMES = {cls.scheme: cls for cls in (TUQSGD, TNQSGD, TBQSGD, QSGD, NQSGD)}

@@ -19,7 +19,8 @@ float32 and int32. The size depends only on (scheme, bits, bucket size, n), so e
 same number of bytes for a given tensor. Decoding is a table lookup: the levels travel, so every
 rank and every kind of hardware reconstructs the same values without refitting a tail model. Code
 bits carry no checksum: every bit pattern decodes to a valid level, and transport integrity is the
-collective library's job.
+collective library's job. Version 3 packs the codes in blocks of 2048 (packing.py); version 2 had
+the same sizes and another order of the codes, so its payloads are refused, not misread.
 """
 from __future__ import annotations
 

@@ -112,3 +112,24 @@ def test_companding_guess_finds_the_searched_interval(tensor):
     assert torch.equal(guessed, kernels.round_to_levels(rows, levels, key, 0))
     if tensor in ("laplace", "student_t"):
         assert guessed.unique().numel() > 200  # most levels were used
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+def test_uniform_levels_computed_are_the_levels(bits):
+    """TUQSGD's decode computes its levels from the one above zero and the last, QSGD's magnitudes
+    from their step and 1, NQSGD's from the exponent bits: the levels' floats exactly, ends included,
+    for any a."""
+    from horovod_truncq import levels as lv
+    from horovod_truncq.quantizers import _magnitudes
+    a = torch.tensor([1.0, 3.0, 1e-30, 3e38, 0.1, 7.123456, 1e-45, 0.0])
+    table = lv.uniform_levels(a, 2 ** bits - 1)
+    codes = torch.arange(2 ** bits, dtype=torch.int32).expand(len(a), -1)
+    assert torch.equal(kernels.grid_values(codes, table), table.gather(1, codes.long()))
+    assert torch.equal(table[:, -1], a) and torch.equal(table[:, 0], -a)
+    assert bool((table[:-2, 1:] > table[:-2, :-1]).all())  # strictly ascending where a is normal
+    if bits > 1:
+        index = torch.arange(2 ** (bits - 1), dtype=torch.int32)
+        for scheme, grid in (("qsgd", "uniform"), ("nqsgd", "powers_of_two")):
+            magnitudes = _magnitudes(scheme, 2 ** (bits - 1), torch.device("cpu"))
+            assert torch.equal(kernels._magnitude_values(index, magnitudes, grid), magnitudes)
+            assert magnitudes[0] == 0 and magnitudes[-1] == 1 and bool((magnitudes[1:] > magnitudes[:-1]).all())
