@@ -3,12 +3,16 @@
 Encoding a tensor is one statistics pass (`abs_stats` or `bucket_norms`), a few scalar-sized
 operations that pick the levels (quantizers.py), one fused rounding pass that reads the gradient
 once and writes one uint8 code per element (`round_to_levels`, `round_scaled`) and one packing
-pass (packing.pack_words). Decoding W payloads of a tensor is one fused pass (`sum_levels`,
-`sum_scaled`) that unpacks, looks every code up in its sender's table and sums in float32; the
-`dequantize_*` passes keep the W rows apart instead. Every pass works on a batch of rows (chunks of
-one flat gradient, each with its own levels or norms). Rounding compares |g| with the upper half of
-the (antisymmetric) levels only, or, where the levels have at most two spacings (TUQSGD, TBQSGD,
-QSGD), computes the code without a search; lookups in tables of up to 16 levels are selects, not gathers.
+pass (packing.pack_words). Decoding W payloads of a tensor is one fused pass per packing block
+(`sum_levels`, `sum_scaled`) that unpacks, finds every code's level in its sender's table and sums
+in float32; the `dequantize_*` passes keep the W rows apart instead. Every pass works on a batch of
+rows (chunks of one flat gradient, each with its own levels or norms).
+
+Finding intervals and levels without gathers, which inductor's CPU code does one lane at a time:
+rounding compares |g| with the upper half of the (antisymmetric) levels only; at 8 bits it computes
+the code where the levels have at most two spacings (TUQSGD, TBQSGD, QSGD), reads it off the float's
+bits (NQSGD) or searches near a closed-form guess (TNQSGD, Laplace model). Decoding reads tables of
+up to 16 levels with selects, and computes uniform (TUQSGD, QSGD) and power-of-two (NQSGD) levels.
 
 Each pass is plain torch: inductor turns it into vectorised C++ on CPU and Triton on CUDA, once per
 bit width (tensor sizes are dynamic: they do not recompile). Set HOROVOD_TRUNCQ_COMPILE=0 to

@@ -36,10 +36,6 @@ def packed_size(numel: int, bits: int) -> int:
     return 4 * packed_words(numel, bits)
 
 
-def _shifted(code: torch.Tensor, shift: int) -> torch.Tensor:
-    return code << shift if shift >= 0 else code >> -shift
-
-
 def _pack_block(rows: torch.Tensor, bits: int) -> torch.Tensor:
     """int32 codes (..., 32, c) -> their b words per column (..., b, c).
 

@@ -17,7 +17,8 @@
 Every section starts at a multiple of 4 bytes, so side information and codes are read in place as
 float32 and int32. The size depends only on (scheme, bits, bucket size, n), so every rank sends the
 same number of bytes for a given tensor. Decoding is a table lookup: the levels travel, so every
-rank and every kind of hardware reconstructs the same values without refitting a tail model. Code
+rank and every kind of hardware reconstructs the same values without refitting a tail model
+(uniform levels are computed from two of them, to the same floats). Code
 bits carry no checksum: every bit pattern decodes to a valid level, and transport integrity is the
 collective library's job. Version 3 packs the codes in blocks of 2048 (packing.py); version 2 had
 the same sizes and another order of the codes, so its payloads are refused, not misread.
