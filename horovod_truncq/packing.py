@@ -39,19 +39,18 @@ def packed_size(numel: int, bits: int) -> int:
 def _pack_block(rows: torch.Tensor, bits: int) -> torch.Tensor:
     """int32 codes (..., 32, c) -> their b words per column (..., b, c).
 
-    One expression over (word j, column g): word j ORs the rows k = 32 j // b, ... whose bits
-    overlap it, each shifted into place (their bits never collide); the row index and the shift are
-    tensors of j, so that a compiled kernel writes all b words in one loop with g innermost."""
-    j = torch.arange(bits, dtype=torch.int32, device=rows.device)
-    words = torch.zeros((), dtype=torch.int32, device=rows.device)
-    for later in range(32 // bits + 2):
-        k = (32 * j) // bits + later
-        shift = (bits * k - 32 * j).view(-1, 1)
-        overlaps = ((k < BLOCK) & (shift.view(-1) < 32)).view(-1, 1)
-        term = rows[..., k.clamp(max=BLOCK - 1), :]
-        shifted = torch.where(shift >= 0, term << shift.clamp(min=0), term >> (-shift).clamp(min=0))
-        words = words | torch.where(overlaps, shifted, 0)
-    return words
+    Word j sums the rows k = 32 j // b, ... whose bits overlap it, each shifted into place: their
+    bits never collide, so the int32 sum is their bitwise or and never overflows. The rows and
+    shifts are tensors of (j, k), so that a compiled kernel is one short loop over them, not an
+    unrolled body per word (which compiled for minutes)."""
+    overlapping = 32 // bits if 32 % bits == 0 else 32 // bits + 2  # most rows that overlap a word
+    j = torch.arange(bits, dtype=torch.int32, device=rows.device).view(-1, 1)
+    k = (32 * j) // bits + torch.arange(overlapping, dtype=torch.int32, device=rows.device)
+    shift = (bits * k - 32 * j).unsqueeze(-1)
+    overlaps = (k < BLOCK).unsqueeze(-1) & (shift < 32)
+    term = rows[..., k.clamp(max=BLOCK - 1), :]
+    shifted = torch.where(shift >= 0, term << shift.clamp(min=0), term >> (-shift).clamp(min=0))
+    return torch.where(overlaps, shifted, 0).sum(dim=-2, dtype=torch.int32)
 
 
 def _unpack_block(words: torch.Tensor, bits: int) -> torch.Tensor:
