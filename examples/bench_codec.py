@@ -38,7 +38,7 @@ def timed(fn, device: torch.device) -> float:
 
 def row(q: htq.Quantizer, x: torch.Tensor, senders: int, repeats: int) -> dict[str, float]:
     numel, buffer = x.numel(), torch.empty_like(x)
-    first = timed(lambda: q.decode_sum(torch.stack([q.encode(x, name="w")] * 2), (numel,)), x.device)
+    first = timed(lambda: q.decode_sum(torch.stack([q.encode(x, name="w")] * senders), (numel,)), x.device)
     payloads = torch.stack([q.for_rank(rank).encode(x, name="w") for rank in range(senders)])
     copy, encode, decode = [], [], []
     for _ in range(repeats):

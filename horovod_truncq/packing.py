@@ -42,7 +42,7 @@ def _pack_block(rows: torch.Tensor, bits: int) -> torch.Tensor:
     Word j sums the rows k = 32 j // b, ... whose bits overlap it, each shifted into place: their
     bits never collide, so the int32 sum is their bitwise or and never overflows. The rows and
     shifts are tensors of (j, k), so that a compiled kernel is one short loop over them, not an
-    unrolled body per word (which compiled for minutes)."""
+    unrolled body per word (which took half a minute to compile)."""
     overlapping = 32 // bits if 32 % bits == 0 else 32 // bits + 2  # most rows that overlap a word
     j = torch.arange(bits, dtype=torch.int32, device=rows.device).view(-1, 1)
     k = (32 * j) // bits + torch.arange(overlapping, dtype=torch.int32, device=rows.device)
