@@ -105,16 +105,21 @@ def _interval_near(v: torch.Tensor, table: torch.Tensor, position: torch.Tensor
             torch.where(below, lo, torch.where(above, other, hi)))
 
 
+def _noise(v: torch.Tensor, key: tuple[int, int], start: int) -> torch.Tensor:
+    """The rounding noise of each element of v: element i (row-major) draws index start + i."""
+    index = torch.arange(v.numel(), dtype=torch.int32, device=v.device).view(v.shape) + start
+    return noise.uniform(index, key)
+
+
 def _round(v: torch.Tensor, table: torch.Tensor, key: tuple[int, int], start: int,
            stochastic: bool = True, position: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Codes (float32 integers) of stochastic rounding of v to `table`: the upper end of its interval with
-    probability (v - lo) / (hi - lo), so E[table[code]] = v. Element i of v (row-major) draws the
-    noise at index start + i. Not `stochastic`: the nearer end (the lower one on a tie). `position`:
-    an estimate of v's interval index (`_interval_near`) instead of a search."""
+    probability (v - lo) / (hi - lo), so E[table[code]] = v, with `_noise`. Not `stochastic`: the
+    nearer end (the lower one on a tie). `position`: an estimate of v's interval index
+    (`_interval_near`) instead of a search."""
     lower, lo, hi = _interval(v, table) if position is None else _interval_near(v, table, position)
     if stochastic:
-        index = torch.arange(v.numel(), dtype=torch.int32, device=v.device).view(v.shape) + start
-        up = noise.uniform(index, key) * (hi - lo) < v - lo  # u < (v - lo) / (hi - lo), without a division
+        up = _noise(v, key, start) * (hi - lo) < v - lo  # u < (v - lo) / (hi - lo), without a division
     else:
         up = v > (lo + hi) * 0.5
     return torch.where(up, lower + 1.0, lower)
@@ -138,8 +143,7 @@ def _round_two_steps(v: torch.Tensor, table: torch.Tensor, key: tuple[int, int],
     from_first = torch.where(inner > 0, (v - first) * (1 / inner), float("inf"))
     from_last = torch.where(outer > 0, top - (last - v) * (1 / outer), float("-inf"))
     position = torch.where(inner <= outer, torch.minimum(from_first, from_last), torch.maximum(from_first, from_last))
-    index = torch.arange(v.numel(), dtype=torch.int32, device=v.device).view(v.shape) + start
-    code = torch.floor(position + noise.uniform(index, key)).clamp(0, top)
+    code = torch.floor(position + _noise(v, key, start)).clamp(0, top)
     return torch.where(v >= last, float(top), code)
 
 
@@ -155,8 +159,7 @@ def _round_powers_of_two(ratio: torch.Tensor, count: int, key: tuple[int, int], 
     bits = ratio.view(torch.int32)
     fraction = torch.where(below, ratio * 2.0 ** (count - 2), (bits & 0x7FFFFF).float() * 2.0 ** -23)
     lower = torch.where(below, 0.0, ((bits >> 23) - (127 - (count - 1))).float())
-    index = torch.arange(ratio.numel(), dtype=torch.int32, device=ratio.device).view(ratio.shape) + start
-    return torch.where(noise.uniform(index, key) < fraction, lower + 1.0, lower)
+    return torch.where(_noise(ratio, key, start) < fraction, lower + 1.0, lower)
 
 
 def searched_near_a_guess(levels: int) -> bool:

@@ -117,14 +117,20 @@ def biscaled_threshold(tail, params: torch.Tensor, amax: torch.Tensor, s: int) -
     return torch.stack([a, c, s1], dim=-1)
 
 
+def step_rounded_up(span: torch.Tensor, intervals: int) -> torch.Tensor:
+    """span / intervals in float32, rounded up where needed so that intervals * step >= span: a grid
+    j * step clamped to span then ends exactly at span."""
+    step = span.float() / intervals
+    return torch.where(step * intervals < span, torch.nextafter(step, torch.full_like(step, math.inf)), step)
+
+
 def uniform_levels(a: torch.Tensor, s: int) -> torch.Tensor:
     """s + 1 equally spaced float32 levels on [-a, a]: (2 j - s) h clamped to [-a, a], h = a / s
     rounded up so that the clamp makes the ends exactly -a and a. Each level is one rounded
     product, so a decoder that computes it from h and a (kernels.grid_values) gets the same float,
     and the levels are exactly antisymmetric."""
     a = a.float()
-    h = a / s
-    h = torch.where(h * s < a, torch.nextafter(h, torch.full_like(h, math.inf)), h)
+    h = step_rounded_up(a, s)
     j = torch.arange(s + 1, device=a.device, dtype=torch.float32)
     end = a.unsqueeze(-1)
     return torch.minimum(torch.maximum((2 * j - s) * h.unsqueeze(-1), -end), end)

@@ -458,8 +458,7 @@ def _magnitudes(scheme: str, count: int, device: torch.device) -> torch.Tensor:
     j h clamped to 1, h = 1 / (count - 1) rounded up so that the last is exactly 1: one rounded
     product each, which decoding computes instead of looking up (kernels._scaled)."""
     if scheme == "qsgd":
-        step = torch.tensor(1 / (count - 1), dtype=torch.float32)
-        step = torch.where(step * (count - 1) < 1, torch.nextafter(step, torch.tensor(2.0)), step)
+        step = lv.step_rounded_up(torch.tensor(1.0), count - 1)
         return torch.minimum(torch.arange(count, dtype=torch.float32) * step, torch.tensor(1.0)).to(device)
     exponents = torch.arange(count - 2, -1, -1, device=device, dtype=torch.float32)
     return torch.cat([torch.zeros(1, device=device), torch.exp2(-exponents)])
