@@ -12,10 +12,17 @@ Columns: each as a multiple of the copy, in nanoseconds per element, and as the 
 memory roofline (encode moves 4 + b/8 bytes per element, decode_sum W b/8 + 4, at the copy's
 bandwidth). "first call" is the first encode plus the first decode_sum (compilation included when
 the compiled passes run). The rounding noise of the payloads is independent per sender.
+
+encode and decode_sum return new tensors, as they do in training, while the copy writes into a
+buffer allocated once: a large new tensor pays a page fault per 4 kB page on first touch. PyTorch's
+allocator asks for 2 MB pages instead under THP_MEM_ALLOC_ENABLE=1 (read at the process's first
+allocation, so it goes in the environment); the header says which. docs/quantizers.md, "Speed",
+has both.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -62,7 +69,8 @@ def main() -> None:
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{args.threads} thread(s)'}), "
-          f"torch {torch.__version__}, {args.senders} senders, median of {args.repeats}, Laplace(0, 1) data")
+          f"torch {torch.__version__}, {args.senders} senders, median of {args.repeats}, Laplace(0, 1) data, "
+          f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}")
     print("| elements | scheme | bits | encode / copy | decode_sum / copy | encode ns/elem | decode_sum ns/elem "
           "| encode roofline | decode_sum roofline | first call s |")
     print("|---|---|---|---|---|---|---|---|---|---|")

@@ -12,7 +12,8 @@ Finding intervals and levels without gathers, which inductor's CPU code does one
 rounding compares |g| with the upper half of the (antisymmetric) levels only; at 8 bits it computes
 the code where the levels have at most two spacings (TUQSGD, TBQSGD, QSGD), reads it off the float's
 bits (NQSGD) or searches near a closed-form guess (TNQSGD, Laplace model). Decoding reads tables of
-up to 16 levels with selects, and computes uniform (TUQSGD, QSGD) and power-of-two (NQSGD) levels.
+up to 16 levels with selects, computes uniform (TUQSGD, QSGD) and power-of-two (NQSGD) levels, and
+gathers from 256-level tables (TNQSGD, TBQSGD at 8 bits) in scalar code (`Kernel`).
 
 Each pass is plain torch: inductor turns it into vectorised C++ on CPU and Triton on CUDA, once per
 bit width (tensor sizes are dynamic: they do not recompile). Set HOROVOD_TRUNCQ_COMPILE=0 to
@@ -339,8 +340,16 @@ class Kernel:
         # arguments keeps them from evicting each other.
         name = "_".join([fn.__name__, *(f"{key}{value}" for key, value in sorted(static.items()))])
         code = bound.__code__.replace(co_name=name)
+        options = dict(self.options)
+        if static.get("bits") == 8 and static.get("grid") == "table":
+            # A gather from a 256-level table per code is the whole pass. Inductor's vectorised CPU code
+            # gathers through a stack buffer (indices stored, 16 scalar loads, values reloaded); its
+            # scalar code loads each level directly and, codes being whole bytes, unpacks them in two
+            # operations: a sixth to a third less time (docs/quantizers.md, "Speed"). At 5 to 7 bits
+            # codes straddle words and the vectorised pass is faster. CUDA code is unaffected.
+            options["cpp.simdlen"] = 1
         return torch.compile(types.FunctionType(code, bound.__globals__, name, None, bound.__closure__),
-                             options=self.options)
+                             options=options)
 
     @torch.no_grad()  # one grad mode for every caller (backward hooks, optimizer step): one compilation
     def __call__(self, numel: int, *args, **static) -> torch.Tensor:

@@ -83,6 +83,7 @@ shape() {  # shape RATE: both directions of both nodes' links; "none" removes th
 mkdir -p "$OUT"
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 PYTHONUNBUFFERED=1
 export HOROVOD_TRUNCQ_COMPILE=${HOROVOD_TRUNCQ_COMPILE:-1}
+export THP_MEM_ALLOC_ENABLE=${THP_MEM_ALLOC_ENABLE:-0}  # 1: PyTorch's large tensors on huge pages (docs/quantizers.md, "Speed")
 runs=0
 for rate in $RATES; do
   shape "$rate"
@@ -101,7 +102,7 @@ for rate in $RATES; do
         timeout 1200 mpirun --allow-run-as-root --oversubscribe -bind-to none --mca rtc_hwloc_vmhole none \
           --mca plm_rsh_agent "$WORK/agent" --mca routed direct --mca pml ob1 --mca btl tcp,self \
           --mca btl_tcp_if_include 10.77.0.0/24 --mca oob_tcp_if_include 10.77.0.0/24 \
-          -H "hn1:$per_node,hn2:$per_node" -np "$ranks" -x PYTHONUNBUFFERED -x HOROVOD_TRUNCQ_COMPILE \
+          -H "hn1:$per_node,hn2:$per_node" -np "$ranks" -x PYTHONUNBUFFERED -x HOROVOD_TRUNCQ_COMPILE -x THP_MEM_ALLOC_ENABLE \
           "$PY" "$ROOT/examples/bench_cluster.py" --compressor "$compressor" --bits "$bits" \
           --exchange "$exchange" "${bucket_args[@]}" --steps "$STEPS" --warmup "$WARMUP" --label "$rate" \
           --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1 || true
