@@ -345,8 +345,8 @@ class Kernel:
             # A gather from a 256-level table per code is the whole pass. Inductor's vectorised CPU code
             # gathers through a stack buffer (indices stored, 16 scalar loads, values reloaded); its
             # scalar code loads each level directly and, codes being whole bytes, unpacks them in two
-            # operations: a sixth to a third less time (docs/quantizers.md, "Speed"). At 5 to 7 bits
-            # codes straddle words and the vectorised pass is faster. CUDA code is unaffected.
+            # operations: a sixth to a third less time (docs/quantizers.md, "Speed"). At 5 and 6 bits,
+            # whose codes straddle words, the vectorised pass was faster. CUDA code is unaffected.
             options["cpp.simdlen"] = 1
         return torch.compile(types.FunctionType(code, bound.__globals__, name, None, bound.__closure__),
                              options=options)

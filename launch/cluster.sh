@@ -12,7 +12,8 @@
 #
 # Environment overrides: RATES (e.g. "100mbit 1gbit none"), RANKS ("4 8"), CONFIGS (see below),
 # STEPS, WARMUP, REPEAT (runs of each configuration), OUT (default runs/cluster), REPORT (a folder
-# for the report, default none), RESUME=1 (skip runs whose record is already in OUT).
+# for the report, default none), RESUME=1 (skip runs whose record is already in OUT),
+# THP_MEM_ALLOC_ENABLE=1 (PyTorch's large tensors on huge pages in every rank; default 0).
 # A configuration is compressor:bits:exchange[:bucket_bytes], e.g. "none:0:- fp16:0:- tnqsgd:3:two-phase"
 # or "tnqsgd:3:two-phase:4194304" (two-phase buckets of 4 MiB instead of the default).
 set -euo pipefail
@@ -83,7 +84,7 @@ shape() {  # shape RATE: both directions of both nodes' links; "none" removes th
 mkdir -p "$OUT"
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 PYTHONUNBUFFERED=1
 export HOROVOD_TRUNCQ_COMPILE=${HOROVOD_TRUNCQ_COMPILE:-1}
-export THP_MEM_ALLOC_ENABLE=${THP_MEM_ALLOC_ENABLE:-0}  # 1: PyTorch's large tensors on huge pages (docs/quantizers.md, "Speed")
+export THP_MEM_ALLOC_ENABLE=${THP_MEM_ALLOC_ENABLE:-0}  # docs/quantizers.md, "Speed"
 runs=0
 for rate in $RATES; do
   shape "$rate"
