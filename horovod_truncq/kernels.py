@@ -13,7 +13,7 @@ rounding compares |g| with the upper half of the (antisymmetric) levels only; at
 the code where the levels have at most two spacings (TUQSGD, TBQSGD, QSGD), reads it off the float's
 bits (NQSGD) or searches near a closed-form guess (TNQSGD, Laplace model). Decoding reads tables of
 up to 16 levels with selects, computes uniform (TUQSGD, QSGD) and power-of-two (NQSGD) levels, and
-gathers from 256-level tables (TNQSGD, TBQSGD at 8 bits) in scalar code (`Kernel`).
+gathers from 256-level tables (TNQSGD, TBQSGD at 8 bits) in scalar code (`_gathers_byte_codes`).
 
 Each pass is plain torch: inductor turns it into vectorised C++ on CPU and Triton on CUDA, once per
 bit width (tensor sizes are dynamic: they do not recompile). Set HOROVOD_TRUNCQ_COMPILE=0 to
@@ -320,8 +320,10 @@ class Kernel:
     with the dimensions of the first tensor argument dynamic. Every index a pass computes is in range
     by construction (codes are masked to their table's size), so inductor's bounds asserts are off."""
 
-    def __init__(self, fn: Callable[..., torch.Tensor], fuse_into_reduction: bool = False) -> None:
+    def __init__(self, fn: Callable[..., torch.Tensor], fuse_into_reduction: bool = False,
+                 scalar_when: Callable[[dict], bool] = lambda static: False) -> None:
         self.fn = fn
+        self.scalar_when = scalar_when  # static arguments for which inductor's scalar CPU code is faster
         self.options = {"assert_indirect_indexing": False}
         if fuse_into_reduction:
             # inductor writes out a pointwise result of many operations before reducing it; a sum over
@@ -340,14 +342,7 @@ class Kernel:
         # arguments keeps them from evicting each other.
         name = "_".join([fn.__name__, *(f"{key}{value}" for key, value in sorted(static.items()))])
         code = bound.__code__.replace(co_name=name)
-        options = dict(self.options)
-        if static.get("bits") == 8 and static.get("grid") == "table":
-            # A gather from a 256-level table per code is the whole pass. Inductor's vectorised CPU code
-            # gathers through a stack buffer (indices stored, 16 scalar loads, values reloaded); its
-            # scalar code loads each level directly and, codes being whole bytes, unpacks them in two
-            # operations: a sixth to a third less time (docs/quantizers.md, "Speed"). At 5 and 6 bits,
-            # whose codes straddle words, the vectorised pass was faster. CUDA code is unaffected.
-            options["cpp.simdlen"] = 1
+        options = dict(self.options, **({"cpp.simdlen": 1} if self.scalar_when(static) else {}))
         return torch.compile(types.FunctionType(code, bound.__globals__, name, None, bound.__closure__),
                              options=options)
 
@@ -368,12 +363,21 @@ class Kernel:
         return self.fn(*args, **static)
 
 
+def _gathers_byte_codes(static: dict) -> bool:
+    """Level passes of 8-bit codes in 256-level tables: a gather per code is the whole pass.
+    Inductor's vectorised CPU code gathers through a stack buffer (indices stored, 16 scalar loads,
+    values reloaded); its scalar code loads each level directly and, codes being whole bytes, unpacks
+    them in two operations: a sixth to a third less time (docs/quantizers.md, "Speed"). At 5 and 6
+    bits, whose codes straddle words, the vectorised pass was faster. CUDA code is unaffected."""
+    return static["bits"] == 8 and static.get("grid", "table") == "table"
+
+
 abs_stats_kernel = Kernel(abs_stats)
 bucket_norms_kernel = Kernel(bucket_norms)
 round_to_levels_kernel = Kernel(round_to_levels)
 round_scaled_kernel = Kernel(round_scaled)
 pack_kernel = Kernel(pack_words)
-dequantize_levels_kernel = Kernel(dequantize_levels)
-sum_levels_kernel = Kernel(sum_levels, fuse_into_reduction=True)
+dequantize_levels_kernel = Kernel(dequantize_levels, scalar_when=_gathers_byte_codes)
+sum_levels_kernel = Kernel(sum_levels, fuse_into_reduction=True, scalar_when=_gathers_byte_codes)
 dequantize_scaled_kernel = Kernel(dequantize_scaled)
 sum_scaled_kernel = Kernel(sum_scaled, fuse_into_reduction=True)
