@@ -2,6 +2,7 @@
 
     .venv/bin/python examples/bench_codec.py                       # CPU, one thread, 1 M and 16 M elements
     .venv/bin/python examples/bench_codec.py --device cuda --elements 100000000
+    .venv/bin/python examples/bench_codec.py --device cuda --elements 100000000 --bits 3 --profile
 
 Every row times, interleaved in one run so that machine noise hits all alike:
 - copy: a copy of the float32 tensor into a preallocated buffer (8 bytes per element moved);
@@ -34,13 +35,30 @@ SCHEMES = [(htq.TUQSGD, {}), (htq.TNQSGD, {}), (htq.TBQSGD, {}), (htq.QSGD, {"bu
 
 
 def timed(fn, device: torch.device) -> float:
+    """Seconds fn takes; on CUDA from the device's start to its end, host launches included."""
     if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda.synchronize()
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
     start = time.perf_counter()
     fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
     return time.perf_counter() - start
+
+
+def profile(fn, device: torch.device) -> str:
+    """The profiler's table of one call of fn: the busiest operations and kernels, and at the foot
+    the total host time against the total device time (where launches outweigh the kernels)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        timed(fn, device)
+    sort = "device_time_total" if device.type == "cuda" else "cpu_time_total"
+    return prof.key_averages().table(sort_by=sort, row_limit=10)
 
 
 def row(q: htq.Quantizer, x: torch.Tensor, senders: int, repeats: int) -> dict[str, float]:
@@ -65,6 +83,8 @@ def main() -> None:
     parser.add_argument("--senders", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch threads on the CPU")
+    parser.add_argument("--profile", action="store_true", help="after each row, the profiler's table of one "
+                        "encode and one decode_sum")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
@@ -84,9 +104,14 @@ def main() -> None:
                 q = cls(bits=bits, seed=0, **extra)
                 r = row(q, x, args.senders, args.repeats)
                 name = cls.__name__ + (f" (bucket {extra['bucket_size']})" if extra else "")
+                name += "" if htq.kernels.compiling_enabled() else " (eager)"
                 print(f"| {numel:,} | {name} | {bits} | {r['enc'] / r['copy']:.2f} | {r['dec'] / r['copy']:.2f} | "
-                      f"{r['enc'] / numel * 1e9:.2f} | {r['dec'] / numel * 1e9:.2f} | {r['enc_roof']:.0%} | "
+                      f"{r['enc'] / numel * 1e9:.3g} | {r['dec'] / numel * 1e9:.3g} | {r['enc_roof']:.0%} | "
                       f"{r['dec_roof']:.0%} | {r['first']:.1f} |", flush=True)
+                if args.profile:
+                    payloads = torch.stack([q.encode(x, name="w")] * args.senders)
+                    print(profile(lambda: q.encode(x, name="w"), device), flush=True)
+                    print(profile(lambda: q.decode_sum(payloads, (numel,)), device), flush=True)
 
 
 if __name__ == "__main__":

@@ -264,10 +264,12 @@ def sum_levels(words: torch.Tensor, levels: torch.Tensor, bits: int, grid: str =
 def _magnitude_values(index: torch.Tensor, magnitudes: torch.Tensor, grid: str) -> torch.Tensor:
     """magnitudes[index], computed where the magnitudes have a closed form: "uniform", j h clamped to
     1 (QSGD's, quantizers._magnitudes), or "powers_of_two", 0 then 2^(j - L + 1) (NQSGD's, built from
-    the exponent bits); else ("table") looked up. The computed floats are the table's."""
+    the exponent bits); else ("table") looked up. The computed floats are the table's. On CUDA the
+    powers of two are looked up too: a GPU gathers from a small table cheaply, and inductor's Triton
+    code can widen the integer codes to 64 bits, which a bitcast to float32 then refuses."""
     if grid == "uniform":
         return torch.minimum(index.float() * magnitudes[1], magnitudes[-1])
-    if grid == "powers_of_two":
+    if grid == "powers_of_two" and index.device.type == "cpu":
         power = ((index + (127 - (magnitudes.shape[-1] - 1))) << 23).view(torch.float32)
         return torch.where(index > 0, power, 0.0)
     return _lookup(index, magnitudes)
@@ -330,9 +332,9 @@ class Kernel:
             # senders would then write and read 4 bytes per sender and element. Keep it in registers.
             self.options.update(realize_opcount_threshold=1000, realize_reads_threshold=64,
                                 realize_acc_reads_threshold=64)
-        self._compiled: dict[tuple, Callable[..., torch.Tensor]] = {}
+        self._compiled: dict[tuple, Callable[..., torch.Tensor]] = {}  # by device type and static arguments
 
-    def _compile(self, static: dict) -> Callable[..., torch.Tensor]:
+    def _compile(self, device_type: str, static: dict) -> Callable[..., torch.Tensor]:
         fn = self.fn
 
         def bound(*args):
@@ -340,9 +342,16 @@ class Kernel:
 
         # Dynamo caches compiled graphs per code object: a code object of its own per pass and static
         # arguments keeps them from evicting each other.
-        name = "_".join([fn.__name__, *(f"{key}{value}" for key, value in sorted(static.items()))])
+        name = "_".join([fn.__name__, device_type, *(f"{key}{value}" for key, value in sorted(static.items()))])
         code = bound.__code__.replace(co_name=name)
-        options = dict(self.options, **({"cpp.simdlen": 1} if self.scalar_when(static) else {}))
+        options = dict(self.options)
+        if device_type == "cpu" and self.scalar_when(static):
+            options["cpp.simdlen"] = 1
+        if device_type == "cuda":
+            # inductor's loop merging fails on the index arithmetic of 3-bit codes, which straddle
+            # words ("argument is not comparable", torch 2.11); the passes are elementwise over
+            # blocks and need no loop reordering
+            options["loop_ordering_after_fusion"] = False
         return torch.compile(types.FunctionType(code, bound.__globals__, name, None, bound.__closure__),
                              options=options)
 
@@ -350,16 +359,17 @@ class Kernel:
     def __call__(self, numel: int, *args, **static) -> torch.Tensor:
         global _compile_failed
         if numel >= COMPILE_MIN_ELEMENTS and compiling_enabled():
-            key = tuple(sorted(static.items()))
-            compiled = self._compiled.get(key) or self._compiled.setdefault(key, self._compile(static))
+            key = (args[0].device.type, *sorted(static.items()))
+            compiled = self._compiled.get(key) or self._compiled.setdefault(key, self._compile(key[0], static))
             for dim in range(args[0].dim()):
                 torch._dynamo.maybe_mark_dynamic(args[0], dim)
             try:
                 return compiled(*args)
             except Exception as error:  # no compiler, no Triton, or an inductor failure
                 _compile_failed = True
-                log.warning("horovod_truncq: torch.compile failed (%s: %s); the codec runs eagerly from now on "
-                            "(slower, same results)", type(error).__name__, str(error).splitlines()[0][:200])
+                log.warning("horovod_truncq: torch.compile of %s%s failed (%s: %s); the codec runs eagerly from now "
+                            "on (slower, same results)", self.fn.__name__, static, type(error).__name__,
+                            str(error).splitlines()[0][:200], exc_info=log.isEnabledFor(logging.DEBUG))
         return self.fn(*args, **static)
 
 

@@ -34,9 +34,12 @@ MAX_ELEMENTS = (1 << 31) - 1  # element indices are int32 inside the kernels
 
 @functools.lru_cache(maxsize=4096)
 def _device_header(scheme_id: int, bits: int, tail_id: int, numel: int, device: torch.device) -> torch.Tensor:
-    """The fixed header on `device`, copied from the host once per tensor size instead of per call
-    (a copy from pageable host memory would synchronise a CUDA stream)."""
-    return torch.tensor(list(wire.header_bytes(scheme_id, bits, tail_id, numel)), dtype=torch.uint8, device=device)
+    """The fixed header on `device`, copied from the host once per tensor size instead of per call,
+    through pinned memory on CUDA: a copy from pageable memory would make the host wait."""
+    header = torch.tensor(list(wire.header_bytes(scheme_id, bits, tail_id, numel)), dtype=torch.uint8)
+    if device.type == "cuda":
+        return header.pin_memory().to(device, non_blocking=True)
+    return header.to(device)
 
 
 class Quantizer:

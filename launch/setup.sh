@@ -7,7 +7,8 @@
 # and checks the result. Idempotent: a second run reuses everything and takes seconds.
 #
 # Environment overrides (all optional):
-#   PYTHON                 interpreter to build the venv from (default: python3)
+#   PYTHON                 interpreter to build the venv from (default: python3); where it has torch,
+#                          also inside a venv of its own, .venv uses that torch
 #   TORCH_SPEC             pip requirement(s) for torch when none is importable
 #                          (default: "torch==2.14.1 torchvision==0.29.1")
 #   TRUNCQ_SKIP_APT=1      never call apt-get
@@ -68,7 +69,14 @@ step "$CURRENT_STEP"
 if [ ! -x "$VENV/bin/python" ]; then
   if "$PYTHON" -c "import torch" 2>/dev/null; then
     echo "$PYTHON already has torch: the venv sees its site-packages"
-    run_logged venv "$PYTHON" -m venv --system-site-packages "$VENV"
+    # Without ensurepip (some distributions split it out), .venv uses the pip of $PYTHON's packages.
+    run_logged venv "$PYTHON" -m venv --system-site-packages "$VENV" ||
+      run_logged venv "$PYTHON" -m venv --clear --system-site-packages --without-pip "$VENV"
+    # A venv made from another venv's python sees the base interpreter's packages, not that venv's.
+    outer=$("$PYTHON" -c "import site, sys; print(site.getsitepackages()[0] if sys.prefix != sys.base_prefix else '')")
+    if [ -n "$outer" ]; then
+      "$VENV/bin/python" -c "import site, sys; open(site.getsitepackages()[0] + '/outer-venv.pth', 'w').write(sys.argv[1] + '\n')" "$outer"
+    fi
   else
     run_logged venv "$PYTHON" -m venv "$VENV"
   fi
@@ -99,10 +107,15 @@ read -r PYVER TORCHVER CUDAVER < <("$PY" -c "import sys, torch; print(f'py{sys.v
 if [ -z "${HOROVOD_WITH_MPI+x}" ]; then
   if command -v mpicxx >/dev/null; then HOROVOD_WITH_MPI=1; else HOROVOD_WITH_MPI=0; fi
 fi
+if [ "$CUDAVER" != cpu ] && [ -z "${CUDA_HOME:-}" ]; then
+  for d in "/usr/local/cuda-$CUDAVER" /usr/local/cuda; do
+    if [ -x "$d/bin/nvcc" ]; then export CUDA_HOME=$d; break; fi
+  done
+fi
 NCCL_DIR=$("$PY" -c "import nvidia.nccl, os; print(os.path.dirname(nvidia.nccl.__file__) if nvidia.nccl.__file__ else list(nvidia.nccl.__path__)[0])" 2>/dev/null || true)
 if [ -z "${HOROVOD_GPU_OPERATIONS+x}" ]; then
   HOROVOD_GPU_OPERATIONS=""
-  if command -v nvcc >/dev/null && [ -n "$NCCL_DIR" ] && "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+  if { command -v nvcc >/dev/null || [ -n "${CUDA_HOME:-}" ]; } && [ -n "$NCCL_DIR" ] && "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
     HOROVOD_GPU_OPERATIONS=NCCL
   fi
 fi
@@ -116,7 +129,7 @@ echo "build key: $KEY"
 if ! ls "$WHEEL_DIR"/horovod-*.whl >/dev/null 2>&1; then
   BUILD=$(mktemp -d "${TMPDIR:-/tmp}/truncq-horovod.XXXXXX")
   CURRENT_STEP="download Horovod $HOROVOD_VERSION sdist"
-  run_logged horovod-download "$PY" -m pip download -q --no-deps --no-binary :all: "horovod==$HOROVOD_VERSION" -d "$BUILD"
+  run_logged horovod-download "$PY" -m pip download -q --no-build-isolation --no-deps --no-binary :all: "horovod==$HOROVOD_VERSION" -d "$BUILD"
   tar -xzf "$BUILD"/horovod-*.tar.gz -C "$BUILD"
   SRC=$(echo "$BUILD"/horovod-"$HOROVOD_VERSION")
   # Current torch headers need C++20; Horovod 0.28.1 asks for C++14.
@@ -128,11 +141,6 @@ if ! ls "$WHEEL_DIR"/horovod-*.whl >/dev/null 2>&1; then
   if [ "$HOROVOD_WITH_MPI" = 1 ]; then export HOROVOD_WITH_MPI=1; else unset HOROVOD_WITH_MPI; export HOROVOD_WITHOUT_MPI=1; fi
   gcc_major=$(gcc -dumpversion | cut -d. -f1)
   if [ "$gcc_major" -ge 13 ]; then export CXXFLAGS="${CXXFLAGS:-} -include cstdint -include string"; fi
-  if [ "$CUDAVER" != cpu ] && [ -z "${CUDA_HOME:-}" ]; then
-    for d in "/usr/local/cuda-$CUDAVER" /usr/local/cuda; do
-      if [ -x "$d/bin/nvcc" ]; then export CUDA_HOME=$d; break; fi
-    done
-  fi
   if [ -n "${CUDA_HOME:-}" ]; then
     # CMake derives the toolkit root from the first nvcc on PATH, which may be a wrapper elsewhere.
     export CUDAToolkit_ROOT=$CUDA_HOME CUDACXX=$CUDA_HOME/bin/nvcc PATH=$CUDA_HOME/bin:$PATH
@@ -167,7 +175,7 @@ else
   echo "cached wheel: $(ls "$WHEEL_DIR"/horovod-*.whl)"
 fi
 CURRENT_STEP="install Horovod wheel"
-if ! "$PY" -m pip show -q horovod >/dev/null 2>&1 || [ "$("$PY" -c 'import horovod; print(horovod.__version__)' 2>/dev/null)" != "$HOROVOD_VERSION" ]; then
+if [ ! -x "$VENV/bin/horovodrun" ] || [ "$("$PY" -c 'import horovod; print(horovod.__version__)' 2>/dev/null)" != "$HOROVOD_VERSION" ]; then
   run_logged horovod-install "${PIP[@]}" --no-deps --force-reinstall "$WHEEL_DIR"/horovod-*.whl
 fi
 

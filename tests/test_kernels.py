@@ -68,7 +68,7 @@ def test_failed_compilation_falls_back_to_eager(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "same payload" in done.stdout
-    assert "torch.compile failed" in done.stderr and "runs eagerly from now on" in done.stderr
+    assert "torch.compile of" in done.stderr and "runs eagerly from now on" in done.stderr
 
 
 @pytest.mark.parametrize("bits", range(2, 9))

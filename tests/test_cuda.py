@@ -1,0 +1,86 @@
+"""The codec and the exchange on a CUDA device: the compiled passes (Triton) compute what the eager
+ones do, a payload decodes to the same floats on the GPU and the CPU, encode never waits for the
+host and decode_sum waits once, and Horovod with NCCL carries the payloads. Skipped without CUDA."""
+import shutil
+import warnings
+
+import pytest
+import torch
+
+import horovod_truncq as htq
+from conftest import BIN, assert_ok, run_ranks
+from horovod_truncq import kernels
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+NUMEL = (1 << 20) + 17  # compiled, and not a whole number of 32-code blocks
+SENDERS = 3
+
+
+def every_scheme(bits_list=(1, 2, 3, 4, 8)):
+    """Each scheme as examples/bench_codec.py runs it, at every bit width it takes."""
+    return [pytest.param(cls, bits, id=f"{cls.__name__}-{bits}")
+            for bits in bits_list for cls in htq.SCHEMES.values() if bits >= cls.min_bits]
+
+
+def make(cls, bits: int, **extra) -> htq.Quantizer:
+    if cls is htq.QSGD:
+        extra.setdefault("bucket_size", 512)
+    return cls(bits=bits, seed=5, **extra)
+
+
+def laplace_rows(rows: int, numel: int) -> torch.Tensor:
+    torch.manual_seed(0)
+    return torch.distributions.Laplace(0.0, 1.0).sample((rows, numel)).cuda()
+
+
+def count_syncs(fn) -> tuple[torch.Tensor, int]:
+    """fn's result and the number of times it made the host wait for the device."""
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            result = fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return result, sum("synchronizing CUDA operation" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("cls, bits", every_scheme())
+def test_compiled_equals_eager_and_the_cpu_decodes_the_same(cls, bits, monkeypatch):
+    monkeypatch.setattr(kernels, "_compile_failed", False)  # a failure elsewhere must not hide this one
+    q = make(cls, bits)
+    grads = laplace_rows(SENDERS, NUMEL)
+    monkeypatch.setenv(kernels.COMPILE_ENV, "0")
+    eager = torch.stack([q.for_rank(r).encode(g, name="w") for r, g in enumerate(grads)])
+    eager_sum = q.decode_sum(eager, (NUMEL,))
+    monkeypatch.setenv(kernels.COMPILE_ENV, "1")
+    compiled = torch.stack([q.for_rank(r).encode(g, name="w") for r, g in enumerate(grads)])
+    assert not kernels._compile_failed
+    assert compiled.is_cuda and torch.equal(compiled, eager)
+    assert torch.equal(q.decode_sum(compiled, (NUMEL,)), eager_sum)
+    decoded = q.decode(compiled[1], (NUMEL,))
+    assert torch.equal(decoded.cpu(), q.decode(compiled[1].cpu(), (NUMEL,)))
+
+
+@pytest.mark.parametrize("cls, bits", every_scheme((3, 8)) + [
+    pytest.param(htq.TNQSGD, 3, id="TNQSGD-powerlaw-3"), pytest.param(htq.TUQSGD, 8, id="TUQSGD-powerlaw-8")])
+def test_encode_never_waits_and_decode_sum_waits_once(cls, bits, request, monkeypatch):
+    monkeypatch.setattr(kernels, "_compile_failed", False)
+    monkeypatch.setenv(kernels.COMPILE_ENV, "1")
+    q = make(cls, bits, **({"tail": "powerlaw"} if "powerlaw" in request.node.callspec.id else {}))
+    grads = laplace_rows(SENDERS, NUMEL)
+    payloads = torch.stack([q.encode(g, name="w") for g in grads])  # compiles outside the counted calls
+    q.decode_sum(payloads, (NUMEL,))
+    _, encode_syncs = count_syncs(lambda: q.encode(grads[0], name="w"))
+    total, decode_syncs = count_syncs(lambda: q.decode_sum(payloads, (NUMEL,)))
+    assert (encode_syncs, decode_syncs) == (0, 1)
+    assert total.is_cuda and bool(torch.isfinite(total).all())
+
+
+@pytest.mark.skipif(shutil.which("horovodrun", path=str(BIN)) is None, reason="Horovod not installed")
+def test_nccl_carries_the_payloads_on_one_rank():
+    output = run_ranks(1, ["tests/workers/cuda_worker.py"], timeout=600)
+    for check in ("nccl", "allgather", "two-phase"):
+        assert_ok(output, check, 1)
