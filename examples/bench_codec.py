@@ -58,7 +58,9 @@ def profile(fn, device: torch.device) -> str:
     with torch.profiler.profile(activities=activities) as prof:
         timed(fn, device)
     sort = "device_time_total" if device.type == "cuda" else "cpu_time_total"
-    return prof.key_averages().table(sort_by=sort, row_limit=10)
+    calls = sum(1 for event in prof.events() if event.name.startswith("aten::") and event.cpu_parent is None)
+    return (f"{calls} operator calls outside the compiled passes (host work; on CUDA each that computes launches a kernel)\n"
+            + prof.key_averages().table(sort_by=sort, row_limit=10))
 
 
 def row(q: htq.Quantizer, x: torch.Tensor, senders: int, repeats: int) -> dict[str, float]:
