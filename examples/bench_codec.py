@@ -106,7 +106,8 @@ def main() -> None:
                 q = cls(bits=bits, seed=0, **extra)
                 r = row(q, x, args.senders, args.repeats)
                 name = cls.__name__ + (f" (bucket {extra['bucket_size']})" if extra else "")
-                name += "" if htq.kernels.compiling_enabled() else " (eager)"
+                name += " (eager)" if not htq.kernels.compiling_enabled() else (
+                    " (partly eager)" if htq.kernels.failed_passes() else "")
                 print(f"| {numel:,} | {name} | {bits} | {r['enc'] / r['copy']:.2f} | {r['dec'] / r['copy']:.2f} | "
                       f"{r['enc'] / numel * 1e9:.3g} | {r['dec'] / numel * 1e9:.3g} | {r['enc_roof']:.0%} | "
                       f"{r['dec_roof']:.0%} | {r['first']:.1f} |", flush=True)
@@ -114,6 +115,8 @@ def main() -> None:
                     payloads = torch.stack([q.encode(x, name="w")] * args.senders)
                     print(profile(lambda: q.encode(x, name="w"), device), flush=True)
                     print(profile(lambda: q.decode_sum(payloads, (numel,)), device), flush=True)
+    if htq.kernels.failed_passes():
+        print("passes that failed to compile and ran eagerly:", "; ".join(htq.kernels.failed_passes()))
 
 
 if __name__ == "__main__":

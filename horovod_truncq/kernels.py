@@ -17,9 +17,10 @@ gathers from 256-level tables (TNQSGD, TBQSGD at 8 bits) in scalar code (`_gathe
 
 Each pass is plain torch: inductor turns it into vectorised C++ on CPU and Triton on CUDA, once per
 bit width (tensor sizes are dynamic: they do not recompile). Set HOROVOD_TRUNCQ_COMPILE=0 to
-run eagerly; where compilation fails (no C++ compiler, no Triton) the eager path takes over with one
-logged warning. Both paths compute the same codes bit for bit; the eager path allocates
-temporaries of the tensor's size that the compiled one fuses away.
+run eagerly; where a pass fails to compile (no C++ compiler, no Triton, an inductor bug) that pass
+runs eagerly from then on, with a logged warning, and the others stay compiled. Both paths compute
+the same codes bit for bit; the eager path allocates temporaries of the tensor's size that the
+compiled one fuses away.
 """
 from __future__ import annotations
 
@@ -309,11 +310,16 @@ def sum_scaled(words: torch.Tensor, norms: torch.Tensor, magnitudes: torch.Tenso
 
 
 # ---------------------------------------------------------------- compile or run eagerly
-_compile_failed = False
+_failed: set[str] = set()  # passes (name, device, static arguments) that failed to compile: eager from then on
 
 
 def compiling_enabled() -> bool:
-    return os.environ.get(COMPILE_ENV, "1") != "0" and not _compile_failed
+    return os.environ.get(COMPILE_ENV, "1") != "0"
+
+
+def failed_passes() -> list[str]:
+    """The passes whose compilation failed in this process, which run eagerly."""
+    return sorted(_failed)
 
 
 class Kernel:
@@ -357,19 +363,20 @@ class Kernel:
 
     @torch.no_grad()  # one grad mode for every caller (backward hooks, optimizer step): one compilation
     def __call__(self, numel: int, *args, **static) -> torch.Tensor:
-        global _compile_failed
         if numel >= COMPILE_MIN_ELEMENTS and compiling_enabled():
             key = (args[0].device.type, *sorted(static.items()))
-            compiled = self._compiled.get(key) or self._compiled.setdefault(key, self._compile(key[0], static))
-            for dim in range(args[0].dim()):
-                torch._dynamo.maybe_mark_dynamic(args[0], dim)
-            try:
-                return compiled(*args)
-            except Exception as error:  # no compiler, no Triton, or an inductor failure
-                _compile_failed = True
-                log.warning("horovod_truncq: torch.compile of %s%s failed (%s: %s); the codec runs eagerly from now "
-                            "on (slower, same results)", self.fn.__name__, static, type(error).__name__,
-                            str(error).splitlines()[0][:200], exc_info=log.isEnabledFor(logging.DEBUG))
+            name = f"{self.fn.__name__} on {key[0]} {static}"
+            if name not in _failed:
+                compiled = self._compiled.get(key) or self._compiled.setdefault(key, self._compile(key[0], static))
+                for dim in range(args[0].dim()):
+                    torch._dynamo.maybe_mark_dynamic(args[0], dim)
+                try:
+                    return compiled(*args)
+                except Exception as error:  # no compiler, no Triton, or an inductor failure
+                    _failed.add(name)
+                    log.warning("horovod_truncq: torch.compile of %s failed (%s: %s); this pass runs eagerly from "
+                                "now on (slower, same results)", name, type(error).__name__,
+                                str(error).splitlines()[0][:200], exc_info=log.isEnabledFor(logging.DEBUG))
         return self.fn(*args, **static)
 
 
