@@ -310,7 +310,7 @@ def sum_scaled(words: torch.Tensor, norms: torch.Tensor, magnitudes: torch.Tenso
 
 
 # ---------------------------------------------------------------- compile or run eagerly
-_failed: set[str] = set()  # passes (name, device, static arguments) that failed to compile: eager from then on
+_failed: set[tuple[str, tuple]] = set()  # (pass, (device type, *static arguments)) that failed to compile
 
 
 def compiling_enabled() -> bool:
@@ -318,8 +318,8 @@ def compiling_enabled() -> bool:
 
 
 def failed_passes() -> list[str]:
-    """The passes whose compilation failed in this process, which run eagerly."""
-    return sorted(_failed)
+    """The passes whose compilation failed in this process, which run eagerly from then on."""
+    return sorted(f"{name} on {key[0]} {dict(key[1:])}" for name, key in _failed)
 
 
 class Kernel:
@@ -365,18 +365,18 @@ class Kernel:
     def __call__(self, numel: int, *args, **static) -> torch.Tensor:
         if numel >= COMPILE_MIN_ELEMENTS and compiling_enabled():
             key = (args[0].device.type, *sorted(static.items()))
-            name = f"{self.fn.__name__} on {key[0]} {static}"
-            if name not in _failed:
+            if (self.fn.__name__, key) not in _failed:
                 compiled = self._compiled.get(key) or self._compiled.setdefault(key, self._compile(key[0], static))
                 for dim in range(args[0].dim()):
                     torch._dynamo.maybe_mark_dynamic(args[0], dim)
                 try:
                     return compiled(*args)
                 except Exception as error:  # no compiler, no Triton, or an inductor failure
-                    _failed.add(name)
-                    log.warning("horovod_truncq: torch.compile of %s failed (%s: %s); this pass runs eagerly from "
-                                "now on (slower, same results)", name, type(error).__name__,
-                                str(error).splitlines()[0][:200], exc_info=log.isEnabledFor(logging.DEBUG))
+                    _failed.add((self.fn.__name__, key))
+                    log.warning("horovod_truncq: torch.compile of %s on %s %s failed (%s: %s); this pass runs eagerly "
+                                "from now on (slower, same results)", self.fn.__name__, key[0], static,
+                                type(error).__name__, str(error).splitlines()[0][:200],
+                                exc_info=log.isEnabledFor(logging.DEBUG))
         return self.fn(*args, **static)
 
 

@@ -66,11 +66,13 @@ def test_compiled_equals_eager_and_the_cpu_decodes_the_same(cls, bits, monkeypat
     assert torch.equal(decoded.cpu(), q.decode(compiled[1].cpu(), (NUMEL,)))
 
 
-@pytest.mark.parametrize("cls, bits", every_scheme((3, 8)) + [
-    pytest.param(htq.TNQSGD, 3, id="TNQSGD-powerlaw-3"), pytest.param(htq.TUQSGD, 8, id="TUQSGD-powerlaw-8")])
-def test_encode_never_waits_and_decode_sum_waits_once(cls, bits, request, monkeypatch):
+@pytest.mark.parametrize("cls, bits, extra", [pytest.param(*case.values, {}, id=case.id) for case in every_scheme((3, 8))]
+                         + [pytest.param(htq.TNQSGD, 3, {"tail": "powerlaw"}, id="TNQSGD-powerlaw-3"),
+                            pytest.param(htq.TUQSGD, 8, {"tail": "powerlaw"}, id="TUQSGD-powerlaw-8")])
+def test_encode_never_waits_and_decode_sum_waits_once(cls, bits, extra, monkeypatch):
+    """Power-law tails included: their threshold search runs on the device too."""
     monkeypatch.setenv(kernels.COMPILE_ENV, "1")
-    q = make(cls, bits, **({"tail": "powerlaw"} if "powerlaw" in request.node.callspec.id else {}))
+    q = make(cls, bits, **extra)
     grads = laplace_rows(SENDERS, NUMEL)
     payloads = torch.stack([q.encode(g, name="w") for g in grads])  # compiles outside the counted calls
     q.decode_sum(payloads, (NUMEL,))
