@@ -82,6 +82,15 @@ def test_encode_never_waits_and_decode_sum_waits_once(cls, bits, extra, monkeypa
     assert total.is_cuda and bool(torch.isfinite(total).all())
 
 
+def test_the_first_encode_of_a_size_does_not_wait(monkeypatch):
+    """The header of a new tensor size reaches the device without the host waiting (eager passes,
+    so that no compilation runs inside the count)."""
+    monkeypatch.setenv(kernels.COMPILE_ENV, "0")
+    x = laplace_rows(1, 12_345)[0]  # a size no other case encodes: its header is made here
+    _, syncs = count_syncs(lambda: make(htq.TNQSGD, 3).encode(x, name="w"))
+    assert syncs == 0
+
+
 @pytest.mark.skipif(shutil.which("horovodrun", path=str(BIN)) is None, reason="Horovod not installed")
 def test_nccl_carries_the_payloads_on_one_rank():
     output = run_ranks(1, ["tests/workers/cuda_worker.py"], timeout=600)
