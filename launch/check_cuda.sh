@@ -2,7 +2,8 @@
 # The checks that need a CUDA GPU, in one command sized for a short lease of the machine:
 #   1. set-up (launch/setup.sh builds Horovod with NCCL), in the background while
 #   2. the CUDA tests run (pytest -m gpu: compiled equals eager, CPU decodes alike, host waits), on
-#      $PYTHON with this checkout on PYTHONPATH, which also fills the compile cache for step 4;
+#      $PYTHON (default .venv/bin/python where set up, else python3, which must have torch) with this
+#      checkout on PYTHONPATH, which also fills the compile cache for step 4;
 #   3. Horovod with NCCL carries the payloads through the exchanges (tests/test_cuda.py, -np 1);
 #   4. the codec benchmark at 100 M elements (examples/bench_codec.py --device cuda).
 # Each step has a time limit and writes its log to $LOGS (default runs/cuda) as it goes, so a run cut
@@ -14,13 +15,14 @@ set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 LOGS=${LOGS:-$ROOT/runs/cuda}
-PYTHON=${PYTHON:-python3}
+PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
 mkdir -p "$LOGS"
 export PYTHONUNBUFFERED=1
 failed=0
 step() { echo "== $SECONDS s: $*" | tee -a "$LOGS/steps.txt"; }
 
-"$PYTHON" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" || { echo "no CUDA device" >&2; exit 1; }
+"$PYTHON" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null ||
+  { echo "no CUDA device (or no torch) for $PYTHON" >&2; exit 1; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$LOGS/gpu.txt" 2>&1
 step "start"
 (bash launch/setup.sh > "$LOGS/setup.log" 2>&1; echo "setup exit $?" >> "$LOGS/setup.log") &
