@@ -31,8 +31,10 @@ from typing import Callable, Optional
 
 import torch
 
+from . import levels as lv
 from . import noise
 from .packing import TILE, map_blocks, pack_words
+from .tails import TAILS
 
 log = logging.getLogger("horovod_truncq")
 
@@ -309,6 +311,15 @@ def sum_scaled(words: torch.Tensor, norms: torch.Tensor, magnitudes: torch.Tenso
                       total=True)
 
 
+# ---------------------------------------------------------------- threshold search
+def biscaled_search(params: torch.Tensor, amax: torch.Tensor, tail: str, s: int) -> torch.Tensor:
+    """TBQSGD's [a, c, s1] per row (levels.biscaled_threshold) under the tail model named `tail`.
+    Run eagerly, its 4 rounds over a 64 x 64 grid are some 450 small operations, each a kernel launch
+    on CUDA; compiled, they are a few loops (docs/quantizers.md, "Speed"). It works in float64, where
+    the compiled search gave the eager one's thresholds bit for bit."""
+    return lv.biscaled_threshold(TAILS[tail], params, amax, s)
+
+
 # ---------------------------------------------------------------- compile or run eagerly
 _failed: set[tuple[str, tuple]] = set()  # (pass, (device type, *static arguments)) that failed to compile
 
@@ -323,14 +334,16 @@ def failed_passes() -> list[str]:
 
 
 class Kernel:
-    """A pass that runs compiled for tensors of at least COMPILE_MIN_ELEMENTS elements, eagerly
-    otherwise. Keyword arguments are static (bit width, bucket size): each combination compiles once,
-    with the dimensions of the first tensor argument dynamic. Every index a pass computes is in range
-    by construction (codes are masked to their table's size), so inductor's bounds asserts are off."""
+    """A pass that runs compiled for tensors of at least `min_elements` elements, eagerly otherwise.
+    Keyword arguments are static (bit width, bucket size): each combination compiles once, with the
+    dimensions of the first tensor argument dynamic. Every index a pass computes is in range by
+    construction (codes are masked to their table's size), so inductor's bounds asserts are off."""
 
     def __init__(self, fn: Callable[..., torch.Tensor], fuse_into_reduction: bool = False,
-                 scalar_when: Callable[[dict], bool] = lambda static: False) -> None:
+                 scalar_when: Callable[[dict], bool] = lambda static: False,
+                 min_elements: int = COMPILE_MIN_ELEMENTS) -> None:
         self.fn = fn
+        self.min_elements = min_elements
         self.scalar_when = scalar_when  # static arguments for which inductor's scalar CPU code is faster
         self.options = {"assert_indirect_indexing": False}
         if fuse_into_reduction:
@@ -363,7 +376,7 @@ class Kernel:
 
     @torch.no_grad()  # one grad mode for every caller (backward hooks, optimizer step): one compilation
     def __call__(self, numel: int, *args, **static) -> torch.Tensor:
-        if numel >= COMPILE_MIN_ELEMENTS and compiling_enabled():
+        if numel >= self.min_elements and compiling_enabled():
             key = (args[0].device.type, *sorted(static.items()))
             if (self.fn.__name__, key) not in _failed:
                 compiled = self._compiled.get(key) or self._compiled.setdefault(key, self._compile(key[0], static))
@@ -398,3 +411,4 @@ dequantize_levels_kernel = Kernel(dequantize_levels, scalar_when=_gathers_byte_c
 sum_levels_kernel = Kernel(sum_levels, fuse_into_reduction=True, scalar_when=_gathers_byte_codes)
 dequantize_scaled_kernel = Kernel(dequantize_scaled)
 sum_scaled_kernel = Kernel(sum_scaled, fuse_into_reduction=True)
+biscaled_search_kernel = Kernel(biscaled_search, min_elements=0)  # cheaper compiled at any tensor size

@@ -450,7 +450,8 @@ class TBQSGD(_Truncated):
     rounding = "two_steps"
 
     def _choose_levels(self, params, amax, amin):
-        a, c, s1 = lv.biscaled_threshold(self.tail, params, amax, self.s).unbind(dim=-1)
+        a, c, s1 = kernels.biscaled_search_kernel(amax.numel(), params, amax, tail=self.tail.name,
+                                                  s=self.s).unbind(dim=-1)
         a = self._clamp_threshold(a, amax, amin)
         return lv.biscaled_levels(a, torch.minimum(c.float(), a), s1.float(), self.s)
 

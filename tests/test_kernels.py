@@ -25,6 +25,7 @@ CASES = [
     (htq.TNQSGD, dict(bits=8, tail="powerlaw")),
     (htq.TBQSGD, dict(bits=2)),
     (htq.TBQSGD, dict(bits=8)),
+    (htq.TBQSGD, dict(bits=3, tail="powerlaw")),
     (htq.QSGD, dict(bits=4, bucket_size=500)),
     (htq.QSGD, dict(bits=3, bucket_size=512)),
     (htq.NQSGD, dict(bits=3)),
