@@ -30,7 +30,7 @@ setup=$!
 
 parallel=()
 "$PYTHON" -c "import xdist" 2>/dev/null && parallel=(-n 4)
-PYTHONPATH=$ROOT TORCHINDUCTOR_COMPILE_THREADS=3 timeout "${TEST_S:-240}" "$PYTHON" -m pytest tests/test_cuda.py \
+PYTHONPATH=$ROOT TORCHINDUCTOR_COMPILE_THREADS=3 timeout "${TEST_S:-300}" "$PYTHON" -m pytest tests/test_cuda.py \
   tests/test_quantizers.py -m gpu -k "not nccl" "${parallel[@]}" -v -p no:cacheprovider > "$LOGS/tests.log" 2>&1
 status=$?; step "CUDA tests: exit $status"; [ $status = 0 ] || failed=1
 
