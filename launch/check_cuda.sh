@@ -10,7 +10,7 @@
 # short still says what passed. Exits non-zero when a step failed.
 #
 #   bash launch/check_cuda.sh
-#   TEST_S=300 BENCH_S=300 BENCH_ARGS="--bits 3 --repeats 20" bash launch/check_cuda.sh
+#   TEST_S=400 BENCH_S=300 BENCH_ARGS="--bits 3 --repeats 20" bash launch/check_cuda.sh
 set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
