@@ -17,8 +17,9 @@ the compiled passes run). The rounding noise of the payloads is independent per 
 encode and decode_sum return new tensors, as they do in training, while the copy writes into a
 buffer allocated once: a large new tensor pays a page fault per 4 kB page on first touch. PyTorch's
 allocator asks for 2 MB pages instead under THP_MEM_ALLOC_ENABLE=1 (read at the process's first
-allocation, so it goes in the environment); the header says which. docs/quantizers.md, "Speed",
-has both.
+allocation, so it goes in the environment), and glibc's allocator keeps freed memory for reuse
+under MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736; the header says which are set.
+docs/quantizers.md, "Speed", has all three.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ import torch
 
 import horovod_truncq as htq
 
+ALLOCATOR_ENV = ("THP_MEM_ALLOC_ENABLE", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_")  # read at process start
 SCHEMES = [(htq.TUQSGD, {}), (htq.TNQSGD, {}), (htq.TBQSGD, {}), (htq.QSGD, {"bucket_size": 512}), (htq.NQSGD, {})]
 
 
@@ -92,7 +94,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{args.threads} thread(s)'}), "
           f"torch {torch.__version__}, {args.senders} senders, median of {args.repeats}, Laplace(0, 1) data, "
-          f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}")
+          + ", ".join(f"{variable}={os.environ.get(variable, 'unset')}" for variable in ALLOCATOR_ENV))
     print("| elements | scheme | bits | encode / copy | decode_sum / copy | encode ns/elem | decode_sum ns/elem "
           "| encode roofline | decode_sum roofline | first call s |")
     print("|---|---|---|---|---|---|---|---|---|---|")

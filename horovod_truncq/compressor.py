@@ -209,7 +209,7 @@ class ExchangeCompressor:
         ranks = self.process_set.size()
         reduced = float(tensor)
         if math.isclose(reduced, (ranks + 1) / 2, rel_tol=1e-4):
-            total = total / ranks
+            total = total.div_(ranks)  # a tensor of its own: in place, no second allocation
         elif not math.isclose(reduced, ranks * (ranks + 1) / 2, rel_tol=1e-4):
             raise ValueError(f"parameter {ctx.name!r}: horovod_truncq supports op=hvd.Average and hvd.Sum only "
                              f"(the placeholder came back as {reduced})")

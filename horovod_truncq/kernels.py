@@ -3,10 +3,10 @@
 Encoding a tensor is one statistics pass (`abs_stats` or `bucket_norms`), a few scalar-sized
 operations that pick the levels (quantizers.py), one fused rounding pass that reads the gradient
 once and writes one uint8 code per element (`round_to_levels`, `round_scaled`) and one packing
-pass (packing.pack_words). Decoding W payloads of a tensor is one fused pass per packing block
-(`sum_levels`, `sum_scaled`) that unpacks, finds every code's level in its sender's table and sums
-in float32; the `dequantize_*` passes keep the W rows apart instead. Every pass works on a batch of
-rows (chunks of one flat gradient, each with its own levels or norms).
+pass that writes the words into the payload (`pack_into`). Decoding W payloads of a tensor is one
+fused pass per packing block (`sum_levels`, `sum_scaled`) that unpacks, finds every code's level in
+its sender's table and sums in float32; the `dequantize_*` passes keep the W rows apart instead.
+Every pass works on a batch of rows (chunks of one flat gradient, each with its own levels or norms).
 
 Finding intervals and levels without gathers, which inductor's CPU code does one lane at a time:
 rounding compares |g| with the upper half of the (antisymmetric) levels only; at 8 bits it computes
@@ -95,18 +95,18 @@ def _interval(v: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor, torch
 
 def _interval_near(v: torch.Tensor, table: torch.Tensor, position: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`_interval` for v (rows, n) in a table (rows, L), given each v's approximate position in it,
-    within one of its interval's index: two gathers read the guessed interval and a third the end
-    that a move by one needs, where a binary search gathers twice per halving. Non-finite
-    positions (rows flagged NaN) stay in range."""
+    """`_interval` for v (rows, n) in a table (rows, L), given each v's fractional position in it to
+    within half an interval: the entry nearest that position is the one boundary in doubt, so one
+    gather reads it and a second reads the entry on v's side of it (a binary search gathers twice
+    per halving). Indices stay float32 until they index: inductor's CPU code handles int64 vectors
+    slowly. Non-finite positions (rows flagged NaN) stay in range."""
     size = table.shape[-1]
-    index = torch.where(position > 0, position, 0.0).clamp(max=size - 2).to(torch.int64)  # NaN to 0
-    lo, hi = table.gather(-1, index), table.gather(-1, index + 1)
-    below, above = (v < lo) & (index > 0), (v >= hi) & (index < size - 2)
-    other = table.gather(-1, torch.where(below, index - 1, torch.where(above, index + 2, index)))
-    index = torch.where(below, index - 1, torch.where(above, index + 1, index))
-    return (index.float(), torch.where(below, other, torch.where(above, hi, lo)),
-            torch.where(below, lo, torch.where(above, other, hi)))
+    nearest = torch.floor(torch.where(position > 0, position + 0.5, 0.0).clamp(max=size - 1))  # NaN to 0
+    middle = table.gather(-1, nearest.to(torch.int64))
+    lower = torch.where(v >= middle, nearest, nearest - 1).clamp(0, size - 2)
+    from_middle = lower == nearest
+    other = table.gather(-1, torch.where(from_middle, nearest + 1, nearest - 1).to(torch.int64))
+    return lower, torch.where(from_middle, middle, other), torch.where(from_middle, other, middle)
 
 
 def _noise(v: torch.Tensor, key: tuple[int, int], start: int) -> torch.Tensor:
@@ -119,8 +119,8 @@ def _round(v: torch.Tensor, table: torch.Tensor, key: tuple[int, int], start: in
            stochastic: bool = True, position: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Codes (float32 integers) of stochastic rounding of v to `table`: the upper end of its interval with
     probability (v - lo) / (hi - lo), so E[table[code]] = v, with `_noise`. Not `stochastic`: the
-    nearer end (the lower one on a tie). `position`: an estimate of v's interval index
-    (`_interval_near`) instead of a search."""
+    nearer end (the lower one on a tie). `position`: v's fractional position in the table to within
+    half an interval (`_interval_near`), instead of a search."""
     lower, lo, hi = _interval(v, table) if position is None else _interval_near(v, table, position)
     if stochastic:
         up = _noise(v, key, start) * (hi - lo) < v - lo  # u < (v - lo) / (hi - lo), without a division
@@ -212,6 +212,12 @@ def round_scaled(buckets: torch.Tensor, inverse_norms: torch.Tensor, magnitudes:
     else:
         index = _round(ratio, magnitudes, key, start)
     return (index + sign).to(torch.uint8)
+
+
+def pack_into(codes: torch.Tensor, out: torch.Tensor, bits: int) -> None:
+    """packing.pack_words of codes (rows, n) written into `out` (rows, b m), the code section of the
+    payloads: the compiled pass stores the words in place, with no intermediate and no copy."""
+    out.copy_(pack_words(codes, bits))
 
 
 # ---------------------------------------------------------------- decoding
@@ -336,14 +342,16 @@ def failed_passes() -> list[str]:
 class Kernel:
     """A pass that runs compiled for tensors of at least `min_elements` elements, eagerly otherwise.
     Keyword arguments are static (bit width, bucket size): each combination compiles once, with the
-    dimensions of the first tensor argument dynamic. Every index a pass computes is in range by
-    construction (codes are masked to their table's size), so inductor's bounds asserts are off."""
+    dimensions of the first `dynamic_args` tensor arguments dynamic. Every index a pass computes is
+    in range by construction (codes are masked to their table's size), so inductor's bounds asserts
+    are off."""
 
-    def __init__(self, fn: Callable[..., torch.Tensor], fuse_into_reduction: bool = False,
+    def __init__(self, fn: Callable[..., Optional[torch.Tensor]], fuse_into_reduction: bool = False,
                  scalar_when: Callable[[dict], bool] = lambda static: False,
-                 min_elements: int = COMPILE_MIN_ELEMENTS) -> None:
+                 min_elements: int = COMPILE_MIN_ELEMENTS, dynamic_args: int = 1) -> None:
         self.fn = fn
         self.min_elements = min_elements
+        self.dynamic_args = dynamic_args
         self.scalar_when = scalar_when  # static arguments for which inductor's scalar CPU code is faster
         self.options = {"assert_indirect_indexing": False}
         if fuse_into_reduction:
@@ -351,9 +359,10 @@ class Kernel:
             # senders would then write and read 4 bytes per sender and element. Keep it in registers.
             self.options.update(realize_opcount_threshold=1000, realize_reads_threshold=64,
                                 realize_acc_reads_threshold=64)
-        self._compiled: dict[tuple, Callable[..., torch.Tensor]] = {}  # by device type and static arguments
+        # by device type and static arguments
+        self._compiled: dict[tuple, Callable[..., Optional[torch.Tensor]]] = {}
 
-    def _compile(self, device_type: str, static: dict) -> Callable[..., torch.Tensor]:
+    def _compile(self, device_type: str, static: dict) -> Callable[..., Optional[torch.Tensor]]:
         fn = self.fn
 
         def bound(*args):
@@ -375,13 +384,14 @@ class Kernel:
                              options=options)
 
     @torch.no_grad()  # one grad mode for every caller (backward hooks, optimizer step): one compilation
-    def __call__(self, numel: int, *args, **static) -> torch.Tensor:
+    def __call__(self, numel: int, *args, **static) -> Optional[torch.Tensor]:
         if numel >= self.min_elements and compiling_enabled():
             key = (args[0].device.type, *sorted(static.items()))
             if (self.fn.__name__, key) not in _failed:
                 compiled = self._compiled.get(key) or self._compiled.setdefault(key, self._compile(key[0], static))
-                for dim in range(args[0].dim()):
-                    torch._dynamo.maybe_mark_dynamic(args[0], dim)
+                for tensor in args[:self.dynamic_args]:
+                    for dim in range(tensor.dim()):
+                        torch._dynamo.maybe_mark_dynamic(tensor, dim)
                 try:
                     return compiled(*args)
                 except Exception as error:  # no compiler, no Triton, or an inductor failure
@@ -406,7 +416,7 @@ abs_stats_kernel = Kernel(abs_stats)
 bucket_norms_kernel = Kernel(bucket_norms)
 round_to_levels_kernel = Kernel(round_to_levels)
 round_scaled_kernel = Kernel(round_scaled)
-pack_kernel = Kernel(pack_words)
+pack_kernel = Kernel(pack_into, dynamic_args=2)
 dequantize_levels_kernel = Kernel(dequantize_levels, scalar_when=_gathers_byte_codes)
 sum_levels_kernel = Kernel(sum_levels, fuse_into_reduction=True, scalar_when=_gathers_byte_codes)
 dequantize_scaled_kernel = Kernel(dequantize_scaled)

@@ -165,9 +165,12 @@ class Quantizer:
         # that is flagged like NaN/Inf input, and the stored side information stays finite.
         side_finite = torch.isfinite(side)
         header[:, wire.FLAGS_OFFSET] = (nonfinite | ~side_finite.all(dim=1)).to(torch.uint8) * wire.FLAG_NONFINITE
-        side = torch.where(side_finite, side, 0.0)
-        words = kernels.pack_kernel(x.numel(), codes, bits=self.bits)
-        return torch.cat([header, side.view(torch.uint8), words.view(torch.uint8)], dim=1)
+        side_end = wire.HEADER_BYTES + 4 * side.shape[1]
+        payloads = torch.empty(count, self.payload_size(numel), dtype=torch.uint8, device=x.device)
+        payloads[:, :wire.HEADER_BYTES] = header
+        payloads[:, wire.HEADER_BYTES:side_end].view(torch.float32).copy_(torch.where(side_finite, side, 0.0))
+        kernels.pack_kernel(x.numel(), codes, payloads[:, side_end:].view(torch.int32), bits=self.bits)
+        return payloads
 
     def decode_sum(self, payloads: torch.Tensor, shape: Shape) -> torch.Tensor:
         """The float32 sum of the dequantized tensors in `payloads`, a (W, payload_size) uint8 tensor

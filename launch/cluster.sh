@@ -13,7 +13,9 @@
 # Environment overrides: RATES (e.g. "100mbit 1gbit none"), RANKS ("4 8"), CONFIGS (see below),
 # STEPS, WARMUP, REPEAT (runs of each configuration), OUT (default runs/cluster), REPORT (a folder
 # for the report, default none), RESUME=1 (skip runs whose record is already in OUT),
-# THP_MEM_ALLOC_ENABLE=1 (PyTorch's large tensors on huge pages in every rank; default 0).
+# THP_MEM_ALLOC_ENABLE=1 (PyTorch's large tensors on huge pages in every rank; default 0);
+# MALLOC_MMAP_MAX_ and MALLOC_TRIM_THRESHOLD_, glibc's allocator settings, go to every rank when set
+# (MALLOC_MMAP_MAX_=0 keeps freed memory for reuse: docs/quantizers.md, "Speed").
 # A configuration is compressor:bits:exchange[:bucket_bytes], e.g. "none:0:- fp16:0:- tnqsgd:3:two-phase"
 # or "tnqsgd:3:two-phase:4194304" (two-phase buckets of 4 MiB instead of the default).
 set -euo pipefail
@@ -85,6 +87,10 @@ mkdir -p "$OUT"
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 PYTHONUNBUFFERED=1
 export HOROVOD_TRUNCQ_COMPILE=${HOROVOD_TRUNCQ_COMPILE:-1}
 export THP_MEM_ALLOC_ENABLE=${THP_MEM_ALLOC_ENABLE:-0}  # docs/quantizers.md, "Speed"
+allocator_env=()  # set to an empty string, a glibc variable would still count (as 0): passed only when set
+for variable in MALLOC_MMAP_MAX_ MALLOC_TRIM_THRESHOLD_; do
+  if [ -n "${!variable+set}" ]; then allocator_env+=(-x "$variable"); fi
+done
 runs=0
 for rate in $RATES; do
   shape "$rate"
@@ -103,7 +109,7 @@ for rate in $RATES; do
         timeout 1200 mpirun --allow-run-as-root --oversubscribe -bind-to none --mca rtc_hwloc_vmhole none \
           --mca plm_rsh_agent "$WORK/agent" --mca routed direct --mca pml ob1 --mca btl tcp,self \
           --mca btl_tcp_if_include 10.77.0.0/24 --mca oob_tcp_if_include 10.77.0.0/24 \
-          -H "hn1:$per_node,hn2:$per_node" -np "$ranks" -x PYTHONUNBUFFERED -x HOROVOD_TRUNCQ_COMPILE -x THP_MEM_ALLOC_ENABLE \
+          -H "hn1:$per_node,hn2:$per_node" -np "$ranks" -x PYTHONUNBUFFERED -x HOROVOD_TRUNCQ_COMPILE -x THP_MEM_ALLOC_ENABLE "${allocator_env[@]}" \
           "$PY" "$ROOT/examples/bench_cluster.py" --compressor "$compressor" --bits "$bits" \
           --exchange "$exchange" "${bucket_args[@]}" --steps "$STEPS" --warmup "$WARMUP" --label "$rate" \
           --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1 || true
