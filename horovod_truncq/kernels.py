@@ -339,6 +339,20 @@ def failed_passes() -> list[str]:
     return sorted(f"{name} on {key[0]} {dict(key[1:])}" for name, key in _failed)
 
 
+# Inductor's switches for eager CUDA's arithmetic: IEEE division (Triton's `/` is approximate), no
+# fused multiply-adds, no flushing of subnormals, CUDA's own libdevice. Without them a compiled pass
+# can round a code or a sum differently from the eager pass and from the CPU. Their names vary
+# between torch versions: each is set where this version has it.
+_EAGER_CUDA_NUMERICS = ("emulate_precision_casts", "emulate_divison_rounding", "eager_numerics.division_rounding",
+                        "eager_numerics.disable_ftz", "eager_numerics.use_pytorch_libdevice")
+
+
+def _eager_cuda_numerics() -> dict[str, bool]:
+    from torch._inductor import config
+    known = config.get_config_copy()
+    return {name: True for name in _EAGER_CUDA_NUMERICS if name in known}
+
+
 class Kernel:
     """A pass that runs compiled for tensors of at least `min_elements` elements, eagerly otherwise.
     Keyword arguments are static (bit width, bucket size): each combination compiles once, with the
@@ -380,6 +394,7 @@ class Kernel:
             # words ("argument is not comparable", torch 2.11); the passes are elementwise over
             # blocks and need no loop reordering
             options["loop_ordering_after_fusion"] = False
+            options.update(_eager_cuda_numerics())
         return torch.compile(types.FunctionType(code, bound.__globals__, name, None, bound.__closure__),
                              options=options)
 

@@ -72,6 +72,17 @@ def test_failed_compilation_falls_back_to_eager(tmp_path):
     assert "torch.compile of" in done.stderr and "runs eagerly from now on" in done.stderr
 
 
+def test_cuda_options_are_known_to_this_torch():
+    """The CUDA passes compile with IEEE division and without fused multiply-adds, and every option
+    they pass is one this torch knows: torch.compile checks them as it builds a pass, with no GPU
+    needed, and an unknown one would send every pass on a GPU down the eager path."""
+    numerics = kernels._eager_cuda_numerics()
+    assert "emulate_precision_casts" in numerics  # which also turns off Triton's fused multiply-adds
+    assert {"eager_numerics.division_rounding", "emulate_divison_rounding"} & set(numerics)
+    for kernel in (kernels.round_to_levels_kernel, kernels.sum_scaled_kernel, kernels.pack_kernel):
+        kernel._compile("cuda", {"bits": 3})
+
+
 def test_a_pass_that_fails_to_compile_runs_eagerly_alone(monkeypatch, caplog):
     """A compilation failure (an inductor bug for one pass, say) sends that pass, and only that pass,
     down the eager path: the payload is the same, the other passes stay compiled."""
