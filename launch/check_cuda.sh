@@ -5,12 +5,13 @@
 #      $PYTHON (default .venv/bin/python where set up, else python3, which must have torch) with this
 #      checkout on PYTHONPATH, which also fills the compile cache for step 4;
 #   3. Horovod with NCCL carries the payloads through the exchanges (tests/test_cuda.py, -np 1);
-#   4. the codec benchmark at 100 M elements (examples/bench_codec.py --device cuda).
+#   4. where the codec's time goes on the GPU: the profiler's kernel table of each scheme at 3 bits;
+#   5. the codec benchmark at 100 M elements (examples/bench_codec.py --device cuda).
 # Each step has a time limit and writes its log to $LOGS (default runs/cuda) as it goes, so a run cut
 # short still says what passed. Exits non-zero when a step failed.
 #
 #   bash launch/check_cuda.sh
-#   TEST_S=400 BENCH_S=300 BENCH_ARGS="--bits 3 --repeats 20" bash launch/check_cuda.sh
+#   TEST_S=400 PROFILE_S=60 BENCH_S=300 BENCH_ARGS="--bits 3 --repeats 20" bash launch/check_cuda.sh
 set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -42,6 +43,10 @@ if grep -q "setup exit 0" "$LOGS/setup.log"; then
 else
   failed=1
 fi
+
+PYTHONPATH=$ROOT timeout "${PROFILE_S:-120}" "$PYTHON" examples/bench_codec.py --device cuda --elements 100000000 \
+  --bits 3 --repeats 3 --profile > "$LOGS/profile_cuda.txt" 2>&1
+status=$?; step "profile: exit $status"; [ $status = 0 ] || failed=1
 
 # shellcheck disable=SC2086
 PYTHONPATH=$ROOT timeout "${BENCH_S:-240}" "$PYTHON" examples/bench_codec.py --device cuda --elements 100000000 \
