@@ -340,11 +340,12 @@ def failed_passes() -> list[str]:
 
 
 # Inductor's switches for eager CUDA's arithmetic: IEEE division (Triton's `/` is approximate), no
-# fused multiply-adds, no flushing of subnormals, CUDA's own libdevice. Without them a compiled pass
-# can round a code or a sum differently from the eager pass and from the CPU. Their names vary
-# between torch versions: each is set where this version has it.
+# fused multiply-adds and no flushing of subnormals. Without them a compiled pass can round a code
+# or a sum differently from the eager pass and from the CPU. Their names vary between torch
+# versions: each is set where this version has it. (With emulate_precision_casts, torch 2.14's
+# inductor also points Triton at the CUDA toolkit's libdevice, for the whole process.)
 _EAGER_CUDA_NUMERICS = ("emulate_precision_casts", "emulate_divison_rounding", "eager_numerics.division_rounding",
-                        "eager_numerics.disable_ftz", "eager_numerics.use_pytorch_libdevice")
+                        "eager_numerics.disable_ftz")
 
 
 def _eager_cuda_numerics() -> dict[str, bool]:
