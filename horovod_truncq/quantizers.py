@@ -147,7 +147,8 @@ class Quantizer:
 
     def encode_rows(self, rows: torch.Tensor, *, name: str = "", step: Optional[int] = None) -> torch.Tensor:
         """One payload per row of a (rows, n) floating-point tensor, each row with its own threshold
-        and side information, in one batch of passes: a (rows, payload_size(n)) uint8 tensor."""
+        and side information, in one batch of passes: a (rows, payload_size(n)) uint8 tensor (no
+        rows give no payloads, and still count a step of the stream)."""
         if not torch.is_floating_point(rows) or rows.dim() != 2:
             raise TypeError(f"{type(self).__name__}.encode_rows takes a 2-D floating-point tensor, "
                             f"got {rows.dtype} of shape {tuple(rows.shape)}")
@@ -155,8 +156,10 @@ class Quantizer:
         count, numel = x.shape
         if x.numel() > MAX_ELEMENTS:
             raise ValueError(f"tensors of more than {MAX_ELEMENTS} elements are not supported, got {x.numel()}")
-        header = _device_header(self.scheme_id, self.bits, self.tail_id, numel, x.device).expand(count, -1).clone()
         key = self.stream_key(name, step)
+        if count == 0:
+            return torch.empty(0, self.payload_size(numel), dtype=torch.uint8, device=x.device)
+        header = _device_header(self.scheme_id, self.bits, self.tail_id, numel, x.device).expand(count, -1).clone()
         if numel == 0:
             return torch.cat([header, torch.zeros(count, 4 * self.side_info_count(0), dtype=torch.uint8,
                                                   device=x.device)], dim=1)

@@ -548,6 +548,15 @@ def test_rows_are_quantized_independently(cls, kwargs):
 
 
 @pytest.mark.parametrize("name", sorted(htq.SCHEMES))
+def test_no_rows_give_no_payloads(name):
+    q = htq.SCHEMES[name](bits=3, seed=0)
+    payloads = q.encode_rows(torch.zeros(0, 1000), name="w")
+    assert payloads.shape == (0, q.payload_size(1000)) and payloads.dtype == torch.uint8
+    with pytest.raises(ValueError, match="no payloads"):
+        q.decode_sum(payloads, (1000,))
+
+
+@pytest.mark.parametrize("name", sorted(htq.SCHEMES))
 def test_dequantize_own_is_what_receivers_decode(name):
     q = htq.SCHEMES[name](bits=3, seed=0)
     rows = torch.distributions.Laplace(0.0, 1.0).sample((3, 1000))
