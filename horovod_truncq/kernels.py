@@ -144,8 +144,10 @@ def _round_two_steps(v: torch.Tensor, table: torch.Tensor, key: tuple[int, int],
         table = table.view(table.shape[0], *[1] * (v.dim() - 1), table.shape[-1])
     first, last = table[..., 0], table[..., -1]
     inner, outer = table[..., 1] - first, last - table[..., -2]
-    from_first = torch.where(inner > 0, (v - first) * (1 / inner), float("inf"))
-    from_last = torch.where(outer > 0, top - (last - v) * (1 / outer), float("-inf"))
+    # 1 / step in float64, then rounded to float32: the IEEE float32 quotient on every device (a
+    # float64 quotient rounds twice harmlessly), where Triton's float32 `/` is approximate
+    from_first = torch.where(inner > 0, (v - first) * (1 / inner.double()).float(), float("inf"))
+    from_last = torch.where(outer > 0, top - (last - v) * (1 / outer.double()).float(), float("-inf"))
     position = torch.where(inner <= outer, torch.minimum(from_first, from_last), torch.maximum(from_first, from_last))
     code = torch.floor(position + _noise(v, key, start)).clamp(0, top)
     return torch.where(v >= last, float(top), code)
