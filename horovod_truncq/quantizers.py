@@ -157,20 +157,19 @@ class Quantizer:
         if x.numel() > MAX_ELEMENTS:
             raise ValueError(f"tensors of more than {MAX_ELEMENTS} elements are not supported, got {x.numel()}")
         key = self.stream_key(name, step)
+        payloads = torch.empty(count, self.payload_size(numel), dtype=torch.uint8, device=x.device)
         if count == 0:
-            return torch.empty(0, self.payload_size(numel), dtype=torch.uint8, device=x.device)
-        header = _device_header(self.scheme_id, self.bits, self.tail_id, numel, x.device).expand(count, -1).clone()
+            return payloads
+        payloads[:, :wire.HEADER_BYTES] = _device_header(self.scheme_id, self.bits, self.tail_id, numel, x.device)
         if numel == 0:
-            return torch.cat([header, torch.zeros(count, 4 * self.side_info_count(0), dtype=torch.uint8,
-                                                  device=x.device)], dim=1)
+            payloads[:, wire.HEADER_BYTES:] = 0
+            return payloads
         side, codes, nonfinite = self._encode(x, key)
         # Finite input can still overflow float32 side information (a norm or mean of huge values):
         # that is flagged like NaN/Inf input, and the stored side information stays finite.
         side_finite = torch.isfinite(side)
-        header[:, wire.FLAGS_OFFSET] = (nonfinite | ~side_finite.all(dim=1)).to(torch.uint8) * wire.FLAG_NONFINITE
+        payloads[:, wire.FLAGS_OFFSET] = (nonfinite | ~side_finite.all(dim=1)).to(torch.uint8) * wire.FLAG_NONFINITE
         side_end = wire.HEADER_BYTES + 4 * side.shape[1]
-        payloads = torch.empty(count, self.payload_size(numel), dtype=torch.uint8, device=x.device)
-        payloads[:, :wire.HEADER_BYTES] = header
         payloads[:, wire.HEADER_BYTES:side_end].view(torch.float32).copy_(torch.where(side_finite, side, 0.0))
         kernels.pack_kernel(x.numel(), codes, payloads[:, side_end:].view(torch.int32), bits=self.bits)
         return payloads
