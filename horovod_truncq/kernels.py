@@ -16,30 +16,22 @@ up to 16 levels with selects, computes uniform (TUQSGD, QSGD) and power-of-two (
 gathers from 256-level tables (TNQSGD, TBQSGD at 8 bits) in scalar code (`_gathers_byte_codes`).
 
 Each pass is plain torch: inductor turns it into vectorised C++ on CPU and Triton on CUDA, once per
-bit width (tensor sizes are dynamic: they do not recompile). Set HOROVOD_TRUNCQ_COMPILE=0 to
-run eagerly; where a pass fails to compile (no C++ compiler, no Triton, an inductor bug) that pass
-runs eagerly from then on, with a logged warning, and the others stay compiled. Both paths compute
-the same codes bit for bit; the eager path allocates temporaries of the tensor's size that the
-compiled one fuses away.
+bit width (compiling.py: tensor sizes are dynamic and do not recompile). Both paths compute the same
+codes bit for bit; the eager path allocates temporaries of the tensor's size that the compiled one
+fuses away.
 """
 from __future__ import annotations
 
-import logging
-import os
-import types
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
 from . import levels as lv
 from . import noise
+from .compiling import Kernel
 from .packing import TILE, map_blocks, pack_words
 from .tails import TAILS
 
-log = logging.getLogger("horovod_truncq")
-
-COMPILE_ENV = "HOROVOD_TRUNCQ_COMPILE"
-COMPILE_MIN_ELEMENTS = 1 << 14  # smaller tensors run eagerly: a compiled call's fixed cost is larger
 _TINY = torch.finfo(torch.float32).tiny
 _SEARCH_BY_COMPARISON = 16      # tables up to this size: compare with every level, no gathers
 _SEARCH_UP_TO = 9               # tables up to this size are searched even where arithmetic could round: faster
@@ -288,9 +280,13 @@ def _magnitude_values(index: torch.Tensor, magnitudes: torch.Tensor, grid: str) 
 
 def _scaled(codes: torch.Tensor, first: torch.Tensor, norms: torch.Tensor, magnitudes: torch.Tensor,
             bucket: int, bits: int, grid: str) -> torch.Tensor:
-    """±magnitudes[code] * norm of the code's bucket for the codes of one block (see map_blocks)."""
+    """±magnitudes[code] * norm of the code's bucket for the codes of one block (see map_blocks).
+    `bucket` 0: one norm per row, whatever its length (a static 0 rather than the row length, so
+    that a new tensor size does not compile again)."""
     magnitude = _magnitude_values(codes & ((1 << (bits - 1)) - 1), magnitudes, grid)
     signed = torch.where(codes >> (bits - 1) > 0, -magnitude, magnitude)
+    if bucket == 0:
+        return signed * norms.view(-1, *[1] * (codes.dim() - 1))
     buckets = norms.shape[1]
     index = first
     if buckets > 1 and not (first.dim() == 3 and bucket % TILE == 0):
@@ -326,99 +322,6 @@ def biscaled_search(params: torch.Tensor, amax: torch.Tensor, tail: str, s: int)
     on CUDA; compiled, they are a few loops (docs/quantizers.md, "Speed"). It works in float64, where
     the compiled search gave the eager one's thresholds bit for bit."""
     return lv.biscaled_threshold(TAILS[tail], params, amax, s)
-
-
-# ---------------------------------------------------------------- compile or run eagerly
-_failed: set[tuple[str, tuple]] = set()  # (pass, (device type, *static arguments)) that failed to compile
-
-
-def compiling_enabled() -> bool:
-    return os.environ.get(COMPILE_ENV, "1") != "0"
-
-
-def failed_passes() -> list[str]:
-    """The passes whose compilation failed in this process, which run eagerly from then on."""
-    return sorted(f"{name} on {key[0]} {dict(key[1:])}" for name, key in _failed)
-
-
-# Inductor's switches for eager CUDA's arithmetic: IEEE division (Triton's `/` is approximate), no
-# fused multiply-adds and no flushing of subnormals. Without them a compiled pass can round a code
-# or a sum differently from the eager pass and from the CPU. Their names vary between torch
-# versions: each is set where this version has it. (With emulate_precision_casts, torch 2.14's
-# inductor also points Triton at the CUDA toolkit's libdevice, for the whole process.)
-_EAGER_CUDA_NUMERICS = ("emulate_precision_casts", "emulate_divison_rounding", "eager_numerics.division_rounding",
-                        "eager_numerics.disable_ftz")
-
-
-def _eager_cuda_numerics() -> dict[str, bool]:
-    from torch._inductor import config
-    known = config.get_config_copy()
-    return {name: True for name in _EAGER_CUDA_NUMERICS if name in known}
-
-
-class Kernel:
-    """A pass that runs compiled for tensors of at least `min_elements` elements, eagerly otherwise.
-    Keyword arguments are static (bit width, bucket size): each combination compiles once, with the
-    dimensions of the first `dynamic_args` tensor arguments dynamic. Every index a pass computes is
-    in range by construction (codes are masked to their table's size), so inductor's bounds asserts
-    are off."""
-
-    def __init__(self, fn: Callable[..., Optional[torch.Tensor]], fuse_into_reduction: bool = False,
-                 scalar_when: Callable[[dict], bool] = lambda static: False,
-                 min_elements: int = COMPILE_MIN_ELEMENTS, dynamic_args: int = 1) -> None:
-        self.fn = fn
-        self.min_elements = min_elements
-        self.dynamic_args = dynamic_args
-        self.scalar_when = scalar_when  # static arguments for which inductor's scalar CPU code is faster
-        self.options = {"assert_indirect_indexing": False}
-        if fuse_into_reduction:
-            # inductor writes out a pointwise result of many operations before reducing it; a sum over
-            # senders would then write and read 4 bytes per sender and element. Keep it in registers.
-            self.options.update(realize_opcount_threshold=1000, realize_reads_threshold=64,
-                                realize_acc_reads_threshold=64)
-        # by device type and static arguments
-        self._compiled: dict[tuple, Callable[..., Optional[torch.Tensor]]] = {}
-
-    def _compile(self, device_type: str, static: dict) -> Callable[..., Optional[torch.Tensor]]:
-        fn = self.fn
-
-        def bound(*args):
-            return fn(*args, **static)
-
-        # Dynamo caches compiled graphs per code object: a code object of its own per pass and static
-        # arguments keeps them from evicting each other.
-        name = "_".join([fn.__name__, device_type, *(f"{key}{value}" for key, value in sorted(static.items()))])
-        code = bound.__code__.replace(co_name=name)
-        options = dict(self.options)
-        if device_type == "cpu" and self.scalar_when(static):
-            options["cpp.simdlen"] = 1
-        if device_type == "cuda":
-            # inductor's loop merging fails on the index arithmetic of 3-bit codes, which straddle
-            # words ("argument is not comparable", torch 2.11); the passes are elementwise over
-            # blocks and need no loop reordering
-            options["loop_ordering_after_fusion"] = False
-            options.update(_eager_cuda_numerics())
-        return torch.compile(types.FunctionType(code, bound.__globals__, name, None, bound.__closure__),
-                             options=options)
-
-    @torch.no_grad()  # one grad mode for every caller (backward hooks, optimizer step): one compilation
-    def __call__(self, numel: int, *args, **static) -> Optional[torch.Tensor]:
-        if numel >= self.min_elements and compiling_enabled():
-            key = (args[0].device.type, *sorted(static.items()))
-            if (self.fn.__name__, key) not in _failed:
-                compiled = self._compiled.get(key) or self._compiled.setdefault(key, self._compile(key[0], static))
-                for tensor in args[:self.dynamic_args]:
-                    for dim in range(tensor.dim()):
-                        torch._dynamo.maybe_mark_dynamic(tensor, dim)
-                try:
-                    return compiled(*args)
-                except Exception as error:  # no compiler, no Triton, or an inductor failure
-                    _failed.add((self.fn.__name__, key))
-                    log.warning("horovod_truncq: torch.compile of %s on %s %s failed (%s: %s); this pass runs eagerly "
-                                "from now on (slower, same results)", self.fn.__name__, key[0], static,
-                                type(error).__name__, str(error).splitlines()[0][:200],
-                                exc_info=log.isEnabledFor(logging.DEBUG))
-        return self.fn(*args, **static)
 
 
 def _gathers_byte_codes(static: dict) -> bool:

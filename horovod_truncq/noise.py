@@ -10,6 +10,7 @@ shifts) that eager torch, inductor's C++ and Triton all compute identically.
 from __future__ import annotations
 
 import hashlib
+import os
 
 import torch
 
@@ -44,3 +45,9 @@ def uniform(index: torch.Tensor, key: tuple[int, int]) -> torch.Tensor:
     """float32 uniform in [0, 1) with 24-bit resolution for each int32 element index."""
     hashed = _mix(_mix(index ^ key[0]) ^ key[1])
     return shift_right_logical(hashed, 32 - _UNIFORM_BITS).to(torch.float32) * (1.0 / (1 << _UNIFORM_BITS))
+
+
+def random_key() -> tuple[int, int]:
+    """A fresh key from the operating system's randomness, for encoding without a seed."""
+    value = int.from_bytes(os.urandom(8), "little")
+    return value & _KEY_MASK, (value >> 32) & _KEY_MASK

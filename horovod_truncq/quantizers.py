@@ -1,11 +1,13 @@
-"""The quantizers: truncated TUQSGD, TNQSGD, TBQSGD and the QSGD and NQSGD baselines.
+"""The codec: truncated TUQSGD, TNQSGD, TBQSGD and the QSGD and NQSGD baselines.
 
-Each turns a gradient into one self-describing uint8 payload (wire.py) and back. A truncated scheme
-clamps every coordinate to [-a, a] and rounds it stochastically to one of 2^bits levels, so the
-decoded value is unbiased for the truncated one; its levels travel in the payload. The baselines
-scale by the L2 norm of each bucket and spend one bit on the sign. Encoding makes no host
-round-trip; decoding the W payloads of a tensor reads one small summary on the host to validate
-them all (kernels.py has the passes over memory).
+A quantizer is configuration (scheme, bits, tail model, bucket size, seed) and knows nothing of
+ranks, steps or transport. Each turns rows of a gradient into self-describing uint8 payloads
+(wire.py) and back. A truncated scheme clamps every coordinate to [-a, a] and rounds it
+stochastically to one of 2^bits levels, so the decoded value is unbiased for the truncated one; its
+levels travel in the payload. The baselines scale by the L2 norm of each bucket and spend one bit on
+the sign. The rounding noise is drawn from a stream key (noise.py) that the caller passes. Encoding
+makes no host round-trip; decoding W payloads reads one small summary on the host to validate them
+all (kernels.py has the passes over memory).
 """
 from __future__ import annotations
 
@@ -13,9 +15,7 @@ import copy
 import functools
 import logging
 import math
-import os
-import sys
-from typing import TYPE_CHECKING, Optional, Sequence, Union
+from typing import Any, Callable, ClassVar, Optional, Sequence, Union
 
 import torch
 
@@ -23,12 +23,10 @@ from . import kernels, noise, packing, wire
 from . import levels as lv
 from .tails import TAILS, TAILS_BY_ID, Laplace
 
-if TYPE_CHECKING:
-    from .compressor import ExchangeCompressor
-
 log = logging.getLogger("horovod_truncq")
 
 Shape = Union[torch.Size, Sequence[int]]
+Key = tuple[int, int]
 MAX_ELEMENTS = (1 << 31) - 1  # element indices are int32 inside the kernels
 
 
@@ -43,14 +41,15 @@ def _device_header(scheme_id: int, bits: int, tail_id: int, numel: int, device: 
 
 
 class Quantizer:
-    """Base class: payload framing, rounding-noise streams, validation, Horovod's Compressor API.
+    """Base class: payload framing, validation and decoding.
 
     Subclasses set `scheme`, `scheme_id`, `min_bits` and implement `side_info_count`, `_encode`
     (rows of float32, finite or not -> side information, uint8 codes, non-finite flags) and
     `_dequantize` (packed words and side information of W payloads -> float32 values).
 
-    Rounding noise is keyed by (seed, rank, name, step): `encode(..., name=, step=)` names the
-    stream; without a step, each name counts its own calls. `rank` is set by the exchange.
+    `seed` makes `encode` without a key reproducible (every such call draws the same noise); the
+    exchange derives its keys from it per rank, stream and step (state.py). Without a seed, `encode`
+    draws a fresh random key per call.
     """
 
     scheme = "base"
@@ -64,6 +63,9 @@ class Quantizer:
     # how decoding finds a code's level: "table" (look it up), or computed from the levels' closed form,
     # "uniform" (TUQSGD, QSGD) or "powers_of_two" (NQSGD), to the same float
     grid = "table"
+    # Horovod's Compressor protocol (compress/decompress) for hvd.DistributedOptimizer(compression=q):
+    # the package wires it to the Horovod front end (__init__.py), so the codec imports no transport.
+    horovod_adapter: ClassVar[Optional[Callable[["Quantizer"], Any]]] = None
 
     def __init__(self, bits: int = 4, seed: Optional[int] = None) -> None:
         if isinstance(bits, bool) or not isinstance(bits, int) or not self.min_bits <= bits <= 8:
@@ -72,11 +74,8 @@ class Quantizer:
             raise ValueError(f"seed must be an int or None, got {seed!r}")
         self.bits = bits
         self.seed = seed
-        self.rank = 0
-        self._stream_seed = seed if seed is not None else int.from_bytes(os.urandom(8), "little")
-        self._steps: dict[str, int] = {}
-        self._warned_nonfinite = False
         self.under_feedback = False
+        self._warned_nonfinite = False
 
     def __repr__(self) -> str:
         described = f"{type(self).__name__}(bits={self.bits}{self._repr_extra()})"
@@ -85,48 +84,37 @@ class Quantizer:
     def _repr_extra(self) -> str:
         return ""
 
+    def _options(self) -> dict:
+        return {}
+
+    def with_bits(self, bits: int) -> "Quantizer":
+        """The same scheme and options at another bit width."""
+        twin = type(self)(bits=bits, seed=self.seed, **self._options())
+        twin.under_feedback = self.under_feedback
+        return twin
+
+    def for_error_feedback(self) -> "Quantizer":
+        """The codec that error feedback encodes with: the same, except that the truncated schemes at
+        1 bit send the scaled sign (see _Truncated)."""
+        twin = copy.copy(self)
+        twin.under_feedback = True
+        return twin
+
     # ---------------------------------------------------------------- sizes
     def side_info_count(self, numel: int) -> int:
         """float32 values of side information in the payload of a `numel`-element tensor."""
         raise NotImplementedError
 
+    def layout(self, numel: int) -> wire.Layout:
+        """Where the sections of the payload of a `numel`-element tensor lie."""
+        return wire.Layout(self.side_info_count(numel), packing.packed_words(numel, self.bits))
+
     def payload_size(self, numel: int) -> int:
         """Bytes of the payload for a tensor of `numel` elements, without encoding it."""
-        return wire.HEADER_BYTES + 4 * self.side_info_count(numel) + packing.packed_size(numel, self.bits)
-
-    # ---------------------------------------------------------------- randomness
-    def for_rank(self, rank: int) -> "Quantizer":
-        """A copy that draws the noise streams of `rank`, with its own step counters."""
-        twin = copy.copy(self)
-        twin.rank, twin._steps = rank, {}
-        return twin
-
-    def with_bits(self, bits: int) -> "Quantizer":
-        """The same scheme and options at another bit width, drawing the same rank's noise streams."""
-        twin = type(self)(bits=bits, seed=self._stream_seed, **self._options())
-        twin.rank, twin._steps = self.rank, self._steps  # one counter per name across widths: no stream reused
-        twin.under_feedback = self.under_feedback
-        return twin
-
-    def for_error_feedback(self) -> "Quantizer":
-        """The copy that error feedback encodes with, sharing this one's noise streams: the same
-        codec, except that the truncated schemes at 1 bit send the scaled sign (see _Truncated)."""
-        twin = copy.copy(self)
-        twin.under_feedback = True
-        return twin
-
-    def _options(self) -> dict:
-        return {}
-
-    def stream_key(self, name: str = "", step: Optional[int] = None) -> tuple[int, int]:
-        """The noise key for tensor `name` at `step` (the next step of `name` when None)."""
-        if step is None:
-            step = self._steps.get(name, 0)
-        self._steps[name] = step + 1
-        return noise.stream_key(self._stream_seed, self.rank, name, step)
+        return self.layout(numel).size
 
     # ---------------------------------------------------------------- scheme hooks
-    def _encode(self, x: torch.Tensor, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _encode(self, x: torch.Tensor, key: Key) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(rows, n) float32 -> side information (rows, k), uint8 codes (rows, n), non-finite flags (rows,)."""
         raise NotImplementedError
 
@@ -136,19 +124,21 @@ class Quantizer:
         raise NotImplementedError
 
     # ---------------------------------------------------------------- public API
-    def encode(self, tensor: torch.Tensor, *, name: str = "", step: Optional[int] = None) -> torch.Tensor:
+    def encode(self, tensor: torch.Tensor, key: Optional[Key] = None) -> torch.Tensor:
         """The 1-D uint8 payload for `tensor`, on its device: exactly the bytes that travel.
 
-        `name` and `step` pick the rounding-noise stream (see the class docstring).
-        """
+        `key` picks the rounding noise (noise.stream_key); None: the seed's key, or a random one
+        without a seed."""
         if not torch.is_floating_point(tensor):
             raise TypeError(f"{type(self).__name__}.encode takes floating-point tensors, got {tensor.dtype}")
-        return self.encode_rows(tensor.detach().reshape(1, -1), name=name, step=step)[0]
+        if key is None:
+            key = noise.stream_key(self.seed, 0, "", 0) if self.seed is not None else noise.random_key()
+        return self.encode_rows(tensor.detach().reshape(1, -1), key)[0]
 
-    def encode_rows(self, rows: torch.Tensor, *, name: str = "", step: Optional[int] = None) -> torch.Tensor:
+    def encode_rows(self, rows: torch.Tensor, key: Key) -> torch.Tensor:
         """One payload per row of a (rows, n) floating-point tensor, each row with its own threshold
-        and side information, in one batch of passes: a (rows, payload_size(n)) uint8 tensor (no
-        rows give no payloads, and still count a step of the stream)."""
+        and side information, in one batch of passes: a (rows, payload_size(n)) uint8 tensor. Row r
+        draws the noise of elements r n .. (r + 1) n - 1 of the stream `key`."""
         if not torch.is_floating_point(rows) or rows.dim() != 2:
             raise TypeError(f"{type(self).__name__}.encode_rows takes a 2-D floating-point tensor, "
                             f"got {rows.dtype} of shape {tuple(rows.shape)}")
@@ -156,8 +146,8 @@ class Quantizer:
         count, numel = x.shape
         if x.numel() > MAX_ELEMENTS:
             raise ValueError(f"tensors of more than {MAX_ELEMENTS} elements are not supported, got {x.numel()}")
-        key = self.stream_key(name, step)
-        payloads = torch.empty(count, self.payload_size(numel), dtype=torch.uint8, device=x.device)
+        layout = self.layout(numel)
+        payloads = torch.empty(count, layout.size, dtype=torch.uint8, device=x.device)
         if count == 0:
             return payloads
         payloads[:, :wire.HEADER_BYTES] = _device_header(self.scheme_id, self.bits, self.tail_id, numel, x.device)
@@ -169,9 +159,8 @@ class Quantizer:
         # that is flagged like NaN/Inf input, and the stored side information stays finite.
         side_finite = torch.isfinite(side)
         payloads[:, wire.FLAGS_OFFSET] = (nonfinite | ~side_finite.all(dim=1)).to(torch.uint8) * wire.FLAG_NONFINITE
-        side_end = wire.HEADER_BYTES + 4 * side.shape[1]
-        payloads[:, wire.HEADER_BYTES:side_end].view(torch.float32).copy_(torch.where(side_finite, side, 0.0))
-        kernels.pack_kernel(x.numel(), codes, payloads[:, side_end:].view(torch.int32), bits=self.bits)
+        layout.side(payloads).copy_(torch.where(side_finite, side, 0.0))
+        kernels.pack_kernel(x.numel(), codes, layout.codes(payloads), bits=self.bits)
         return payloads
 
     def decode_sum(self, payloads: torch.Tensor, shape: Shape) -> torch.Tensor:
@@ -202,14 +191,12 @@ class Quantizer:
         """What the receivers of payloads just made by `encode_rows` will decode, as float32
         (rows, numel), with no validation and so no host read: for error feedback. Rows flagged
         non-finite come back as NaN."""
-        side_end = wire.HEADER_BYTES + 4 * self.side_info_count(numel)
         if numel == 0:
             return torch.zeros(payloads.shape[0], 0, device=payloads.device)
-        side = payloads[:, wire.HEADER_BYTES:side_end].view(torch.float32).contiguous()
-        values = self._dequantize(payloads[:, side_end:].view(torch.int32), side, numel, total=False)
+        layout = self.layout(numel)
+        values = self._dequantize(layout.codes(payloads), layout.side(payloads).contiguous(), numel, total=False)
         values = values.view(payloads.shape[0], -1)[:, :numel]
-        flagged = payloads[:, wire.FLAGS_OFFSET:wire.FLAGS_OFFSET + 1] > 0
-        return torch.where(flagged, float("nan"), values)
+        return torch.where(layout.flags(payloads).unsqueeze(1) > 0, float("nan"), values)
 
     def decode(self, payload: torch.Tensor, shape: Shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dequantized tensor of `shape` and `dtype` from one payload (see decode_sum)."""
@@ -223,19 +210,18 @@ class Quantizer:
         if payloads.dtype != torch.uint8 or payloads.dim() != 2:
             raise ValueError(f"payloads must be a 2-D uint8 tensor (senders, bytes), got {payloads.dtype} "
                              f"of shape {tuple(payloads.shape)}")
-        senders, size = payloads.shape
-        if size != self.payload_size(numel) or senders == 0:
+        layout = self.layout(numel)
+        if payloads.shape[1] != layout.size or payloads.shape[0] == 0:
             self._raise_invalid(payloads, numel)
         if payloads.stride(1) != 1 or payloads.stride(0) % 4 or payloads.storage_offset() % 4:
             payloads = payloads.contiguous().clone()  # sections must be readable as float32 and int32
-        side_end = wire.HEADER_BYTES + 4 * self.side_info_count(numel)
-        side = payloads[:, wire.HEADER_BYTES:side_end].view(torch.float32)
+        side = layout.side(payloads)
         expected = _device_header(self.scheme_id, self.bits, self.tail_id, numel, payloads.device)
         heads = payloads[:, :wire.HEADER_BYTES]
         mismatch = heads != expected
-        mismatch[:, wire.FLAGS_OFFSET] = heads[:, wire.FLAGS_OFFSET] > wire.FLAG_NONFINITE
+        mismatch[:, wire.FLAGS_OFFSET] = layout.flags(payloads) > wire.FLAG_NONFINITE
         valid = ~mismatch.any(dim=1) & torch.isfinite(side).all(dim=1)
-        all_valid, flagged = torch.stack([valid.all(), (heads[:, wire.FLAGS_OFFSET] > 0).any()]).tolist()
+        all_valid, flagged = torch.stack([valid.all(), (layout.flags(payloads) > 0).any()]).tolist()
         if not all_valid:
             self._raise_invalid(payloads, numel)
         if flagged and not self._warned_nonfinite:
@@ -245,84 +231,38 @@ class Quantizer:
             self._warned_nonfinite = True
         # The codes are read in place: the fused decode pass reads each row's words in order, and a
         # contiguous copy would cost more than the pass gains from it.
-        return payloads[:, side_end:].view(torch.int32), side.contiguous(), bool(flagged)
+        return layout.codes(payloads), side.contiguous(), bool(flagged)
 
     def _raise_invalid(self, payloads: torch.Tensor, numel: int) -> None:
         """Say what is wrong with the first invalid row (error path: host reads are fine here)."""
         if payloads.shape[0] == 0:
             raise ValueError("no payloads to decode")
-        expected_size = self.payload_size(numel)
+        layout = self.layout(numel)
         for row, payload in enumerate(payloads):
             where = f"payload {row} of {payloads.shape[0]}"
             head = wire.parse_header(bytes(payload[: wire.HEADER_BYTES].tolist()))
             if (head.scheme, head.bits, head.tail, head.numel) != (self.scheme_id, self.bits, self.tail_id, numel):
                 raise ValueError(f"{where} does not match {self!r} for {numel} elements: it holds "
                                  f"{_describe(head.scheme, head.bits, head.tail)} for {head.numel} elements")
-            if payload.numel() != expected_size:
-                raise ValueError(f"{where} has {payload.numel()} bytes, expected {expected_size} for "
+            if payload.numel() != layout.size:
+                raise ValueError(f"{where} has {payload.numel()} bytes, expected {layout.size} for "
                                  f"{numel} elements: truncated or padded")
-            side_end = wire.HEADER_BYTES + 4 * self.side_info_count(numel)
-            if not bool(torch.isfinite(payload[wire.HEADER_BYTES:side_end].clone().view(torch.float32)).all()):
+            if not bool(torch.isfinite(layout.side(payload.view(1, -1).clone())).all()):
                 raise ValueError(f"{where}: side information is not finite: corrupted payload")
         raise AssertionError("payloads were reported invalid but every row checks out")
 
-    # Horovod's Compressor interface. Given directly to hvd.DistributedOptimizer (the one line of
-    # Horovod's documentation, compression=htq.TNQSGD(bits=3)), the quantizer binds itself to that
-    # optimizer's parameters and process set on the first call and exchanges as `bind` would.
-    # Anywhere else, compress/decompress is a local round trip through the payload.
+    # Horovod's Compressor protocol (see horovod_adapter)
     def compress(self, tensor: torch.Tensor) -> tuple[torch.Tensor, object]:
-        """(payload, ctx); non-floating tensors pass through unchanged, as in Horovod's fp16."""
-        if not torch.is_floating_point(tensor):
-            return tensor, (None, None)
-        optimizer = _calling_horovod_optimizer()
-        if optimizer is not None:
-            return self._bound_to(optimizer).compress(tensor)
-        return self.encode(tensor), (tensor.shape, tensor.dtype)
+        return self._horovod().compress(tensor)
 
-    def decompress(self, tensor: torch.Tensor, ctx) -> torch.Tensor:
-        if not isinstance(ctx, tuple):  # from the exchange this quantizer bound itself to
-            return ctx.compressor.decompress(tensor, ctx)
-        shape, dtype = ctx
-        if shape is None:
-            return tensor
-        return self.decode(tensor, shape, dtype)
+    def decompress(self, tensor: torch.Tensor, ctx: object) -> torch.Tensor:
+        return self._horovod().decompress(tensor, ctx)
 
-    def _bound_to(self, optimizer) -> "ExchangeCompressor":
-        """The compressor for a Horovod DistributedOptimizer, made on its first gradient: its own
-        parameter names (those it gives its allreduces), in the order of its param groups."""
-        bound = getattr(optimizer, "_truncq_compressor", None)
-        if bound is None:
-            names = optimizer._parameter_names
-            named = [(names[p], p) for group in optimizer.param_groups for p in group["params"] if p in names]
-            bound = self.bind(named, process_set=optimizer.process_set)
-            optimizer._truncq_compressor = bound
-        return bound
-
-    def bind(self, named_parameters, **options) -> "ExchangeCompressor":
-        """The `compression=` object for hvd.DistributedOptimizer (options: see ExchangeCompressor)."""
-        from .compressor import ExchangeCompressor
-        return ExchangeCompressor(self, named_parameters, **options)
-
-
-def _calling_horovod_optimizer():
-    """The hvd.DistributedOptimizer whose gradient hook is calling `compress`, if any, else None.
-
-    Horovod builds the optimizer's class from a copy of _DistributedOptimizer's methods, so the
-    caller is recognised by the code of the method that calls `compress`; its `self` is the optimizer."""
-    module = sys.modules.get("horovod.torch.optimizer")
-    if module is None:
-        return None
-    callers = {getattr(module._DistributedOptimizer, method).__code__
-               for method in ("_allreduce_grad_async", "_grouped_allreduce_grad_async")
-               if hasattr(module._DistributedOptimizer, method)}
-    frame = sys._getframe(2)
-    for _ in range(2):  # the grouped path calls compress from a list comprehension, a frame of its own
-        if frame is None:
-            return None
-        if frame.f_code in callers:
-            return frame.f_locals.get("self")
-        frame = frame.f_back
-    return None
+    def _horovod(self) -> Any:
+        if Quantizer.horovod_adapter is None:
+            raise TypeError("a quantizer's compress/decompress serve hvd.DistributedOptimizer(compression=q); "
+                            "use encode and decode to quantize a tensor yourself")
+        return Quantizer.horovod_adapter(self)
 
 
 class _Truncated(Quantizer):
@@ -380,7 +320,7 @@ class _Truncated(Quantizer):
         (exp(k0 |x|) - 1) k1 + 1/2, where the levels have such a closed form (kernels.round_to_levels)."""
         return None
 
-    def _encode(self, x: torch.Tensor, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _encode(self, x: torch.Tensor, key: Key) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         levels, nonfinite, params = self._levels_and_flag(x)
         companding = None if params is None else self._companding(params, levels)
         codes = kernels.round_to_levels_kernel(x.numel(), x, levels, key, 0, companding,
@@ -502,7 +442,7 @@ class _NormScaled(Quantizer):
     def side_info_count(self, numel: int) -> int:
         return max(1, -(-numel // self._bucket(numel)))
 
-    def _encode(self, x: torch.Tensor, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _encode(self, x: torch.Tensor, key: Key) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         rows, numel = x.shape
         bucket = self._bucket(numel)
         whole = numel // bucket * bucket
@@ -523,7 +463,7 @@ class _NormScaled(Quantizer):
     def _dequantize(self, words: torch.Tensor, side: torch.Tensor, numel: int, total: bool) -> torch.Tensor:
         magnitudes = _magnitudes(self.scheme, self.magnitude_count, words.device)
         kernel = kernels.sum_scaled_kernel if total else kernels.dequantize_scaled_kernel
-        return kernel(numel * side.shape[0], words, side, magnitudes, bucket=self._bucket(numel), bits=self.bits,
+        return kernel(numel * side.shape[0], words, side, magnitudes, bucket=self.bucket_size or 0, bits=self.bits,
                       grid=self.grid)
 
 

@@ -28,12 +28,42 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+import torch
+
 MAGIC = b"TQ"
 FORMAT_VERSION = 3
 HEADER_BYTES = 16
 FLAGS_OFFSET = 6
 FLAG_NONFINITE = 1
 _STRUCT = struct.Struct("<2sBBBBBBq")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each section of one payload lies: the only place that computes offsets and sizes."""
+
+    side_count: int  # float32 values of side information
+    code_words: int  # int32 words of packed codes
+
+    @property
+    def side_end(self) -> int:
+        return HEADER_BYTES + 4 * self.side_count
+
+    @property
+    def size(self) -> int:
+        return self.side_end + 4 * self.code_words
+
+    def side(self, payloads: torch.Tensor) -> torch.Tensor:
+        """The side information of (rows, size) uint8 payloads, read in place: float32 (rows, k)."""
+        return payloads[:, HEADER_BYTES:self.side_end].view(torch.float32)
+
+    def codes(self, payloads: torch.Tensor) -> torch.Tensor:
+        """The packed codes of (rows, size) uint8 payloads, read in place: int32 (rows, w)."""
+        return payloads[:, self.side_end:].view(torch.int32)
+
+    def flags(self, payloads: torch.Tensor) -> torch.Tensor:
+        """The flags byte of each payload: uint8 (rows,)."""
+        return payloads[:, FLAGS_OFFSET]
 
 
 @dataclass(frozen=True)

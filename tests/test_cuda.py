@@ -52,12 +52,12 @@ def test_compiled_equals_eager_and_the_cpu_decodes_the_same(cls, bits, monkeypat
     monkeypatch.setattr(kernels, "_failed", set())  # this case's failures only
     q = make(cls, bits)
     grads = laplace_rows(SENDERS, NUMEL)
-    monkeypatch.setenv(kernels.COMPILE_ENV, "0")
+    monkeypatch.setenv(compiling.COMPILE_ENV, "0")
     eager = torch.stack([q.for_rank(r).encode(g, name="w") for r, g in enumerate(grads)])
     eager_sum = q.decode_sum(eager, (NUMEL,))
-    monkeypatch.setenv(kernels.COMPILE_ENV, "1")
+    monkeypatch.setenv(compiling.COMPILE_ENV, "1")
     compiled = torch.stack([q.for_rank(r).encode(g, name="w") for r, g in enumerate(grads)])
-    assert not kernels.failed_passes()
+    assert not compiling.failed_passes()
     side = wire.HEADER_BYTES + 4 * q.side_info_count(NUMEL)
     assert compiled.is_cuda and torch.equal(compiled[:, :side], eager[:, :side]), "headers or side information differ"
     assert torch.equal(compiled, eager), f"{(compiled != eager).float().mean():.2e} of the code bytes differ"
@@ -71,7 +71,7 @@ def test_compiled_equals_eager_and_the_cpu_decodes_the_same(cls, bits, monkeypat
                             pytest.param(htq.TUQSGD, 8, {"tail": "powerlaw"}, id="TUQSGD-powerlaw-8")])
 def test_encode_never_waits_and_decode_sum_waits_once(cls, bits, extra, monkeypatch):
     """Power-law tails included: their threshold search runs on the device too."""
-    monkeypatch.setenv(kernels.COMPILE_ENV, "1")
+    monkeypatch.setenv(compiling.COMPILE_ENV, "1")
     q = make(cls, bits, **extra)
     grads = laplace_rows(SENDERS, NUMEL)
     payloads = torch.stack([q.encode(g, name="w") for g in grads])  # compiles outside the counted calls
@@ -85,7 +85,7 @@ def test_encode_never_waits_and_decode_sum_waits_once(cls, bits, extra, monkeypa
 def test_the_first_encode_of_a_size_does_not_wait(monkeypatch):
     """The header of a new tensor size reaches the device without the host waiting (eager passes,
     so that no compilation runs inside the count)."""
-    monkeypatch.setenv(kernels.COMPILE_ENV, "0")
+    monkeypatch.setenv(compiling.COMPILE_ENV, "0")
     x = laplace_rows(1, 12_345)[0]  # a size no other case encodes: its header is made here
     _, syncs = count_syncs(lambda: make(htq.TNQSGD, 3).encode(x, name="w"))
     assert syncs == 0

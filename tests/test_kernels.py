@@ -8,9 +8,10 @@ import pytest
 import torch
 
 import horovod_truncq as htq
-from horovod_truncq import kernels
+from torch._dynamo.exc import BackendCompilerFailed
+from horovod_truncq import compiling, kernels
 
-NUMEL = 3 * kernels.COMPILE_MIN_ELEMENTS + 17  # compiled, and not a whole number of 32-code blocks
+NUMEL = 3 * compiling.COMPILE_MIN_ELEMENTS + 17  # compiled, and not a whole number of 32-code blocks
 
 def scaled_sign(seed: int) -> htq.Quantizer:
     """TNQSGD at 1 bit under error feedback: nearest rounding instead of stochastic."""
@@ -43,12 +44,12 @@ def heavy_tailed(n: int, seed: int) -> torch.Tensor:
 def test_compiled_equals_eager(cls, kwargs, monkeypatch):
     q = cls(seed=3, **kwargs)
     grads = [heavy_tailed(NUMEL, seed) for seed in range(3)]
-    monkeypatch.setenv(kernels.COMPILE_ENV, "0")
-    eager = torch.stack([q.encode(g, name="w", step=s) for s, g in enumerate(grads)])
+    monkeypatch.setenv(compiling.COMPILE_ENV, "0")
+    eager = torch.stack([q.encode(g, key=(s, 7)) for s, g in enumerate(grads)])
     eager_sum = q.decode_sum(eager, (NUMEL,))
-    monkeypatch.setenv(kernels.COMPILE_ENV, "1")
-    compiled = torch.stack([q.encode(g, name="w", step=s) for s, g in enumerate(grads)])
-    assert not kernels.failed_passes()
+    monkeypatch.setenv(compiling.COMPILE_ENV, "1")
+    compiled = torch.stack([q.encode(g, key=(s, 7)) for s, g in enumerate(grads)])
+    assert not compiling.failed_passes()
     assert torch.equal(compiled, eager)
     assert torch.equal(q.decode_sum(compiled, (NUMEL,)), eager_sum)
 
@@ -56,15 +57,15 @@ def test_compiled_equals_eager(cls, kwargs, monkeypatch):
 def test_failed_compilation_falls_back_to_eager(tmp_path):
     script = (
         "import torch, horovod_truncq as htq\n"
-        "from horovod_truncq import kernels\n"
+        "from horovod_truncq import compiling\n"
         f"x = torch.randn({NUMEL}, generator=torch.Generator().manual_seed(0))\n"
         "q = htq.TNQSGD(bits=3, seed=1)\n"
-        "payload = q.encode(x, name='w')\n"
-        "assert \"pack_into on cpu {'bits': 3}\" in kernels.failed_passes()\n"
-        "import os; os.environ[kernels.COMPILE_ENV] = '0'\n"
-        "assert torch.equal(payload, htq.TNQSGD(bits=3, seed=1).encode(x, name='w'))\n"
+        "payload = q.encode(x, key=(0, 7))\n"
+        "assert \"pack_into on cpu {'bits': 3}\" in compiling.failed_passes()\n"
+        "import os; os.environ[compiling.COMPILE_ENV] = '0'\n"
+        "assert torch.equal(payload, htq.TNQSGD(bits=3, seed=1).encode(x, key=(0, 7)))\n"
         "print('same payload')\n")
-    env = dict(os.environ, **{kernels.COMPILE_ENV: "1", "CXX": "/bin/false", "CC": "/bin/false",
+    env = dict(os.environ, **{compiling.COMPILE_ENV: "1", "CXX": "/bin/false", "CC": "/bin/false",
                               "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")})
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -76,7 +77,7 @@ def test_cuda_options_are_known_to_this_torch():
     """The CUDA passes compile with IEEE division and without fused multiply-adds, and every option
     they pass is one this torch knows: torch.compile checks them as it builds a pass, with no GPU
     needed, and an unknown one would send every pass on a GPU down the eager path."""
-    numerics = kernels._eager_cuda_numerics()
+    numerics = compiling._eager_cuda_numerics()
     assert "emulate_precision_casts" in numerics  # which also turns off Triton's fused multiply-adds
     assert {"eager_numerics.division_rounding", "emulate_divison_rounding"} & set(numerics)
     for kernel in (kernels.round_to_levels_kernel, kernels.sum_scaled_kernel, kernels.pack_kernel):
@@ -87,21 +88,21 @@ def test_a_pass_that_fails_to_compile_runs_eagerly_alone(monkeypatch, caplog):
     """A compilation failure (an inductor bug for one pass, say) sends that pass, and only that pass,
     down the eager path: the payload is the same, the other passes stay compiled."""
     q, x = htq.TUQSGD(bits=3, seed=1), heavy_tailed(NUMEL, 0)
-    monkeypatch.setenv(kernels.COMPILE_ENV, "0")
-    expected = q.encode(x, name="w", step=0)
-    monkeypatch.setenv(kernels.COMPILE_ENV, "1")
-    monkeypatch.setattr(kernels, "_failed", set())
+    monkeypatch.setenv(compiling.COMPILE_ENV, "0")
+    expected = q.encode(x, key=(0, 7))
+    monkeypatch.setenv(compiling.COMPILE_ENV, "1")
+    monkeypatch.setattr(compiling, "_failed", set())
 
     def broken(*args):
-        raise RuntimeError("cannot compile this pass")
+        raise BackendCompilerFailed(broken, RuntimeError("cannot compile this pass"), None)
 
     monkeypatch.setattr(kernels.pack_kernel, "_compiled", {})
     monkeypatch.setattr(kernels.pack_kernel, "_compile", lambda device_type, static: broken)
     monkeypatch.setattr(kernels.round_to_levels_kernel, "_compiled", {})
     with caplog.at_level("WARNING", logger="horovod_truncq"):
-        assert torch.equal(q.encode(x, name="w", step=0), expected)
-        assert torch.equal(q.encode(x, name="w", step=0), expected)  # no second attempt, no second warning
-    assert kernels.failed_passes() == ["pack_into on cpu {'bits': 3}"]
+        assert torch.equal(q.encode(x, key=(0, 7)), expected)
+        assert torch.equal(q.encode(x, key=(0, 7)), expected)  # no second attempt, no second warning
+    assert compiling.failed_passes() == ["pack_into on cpu {'bits': 3}"]
     warnings = [r.getMessage() for r in caplog.records if r.name == "horovod_truncq"]
     assert len(warnings) == 1 and "pack_into" in warnings[0] and "this pass runs eagerly" in warnings[0]
     assert len(kernels.round_to_levels_kernel._compiled) == 1  # the rounding pass ran compiled, and did not fail
@@ -169,3 +170,46 @@ def test_uniform_levels_computed_are_the_levels(bits):
             magnitudes = _magnitudes(scheme, 2 ** (bits - 1), torch.device("cpu"))
             assert torch.equal(kernels._magnitude_values(index, magnitudes, grid), magnitudes)
             assert magnitudes[0] == 0 and magnitudes[-1] == 1 and bool((magnitudes[1:] > magnitudes[:-1]).all())
+
+
+def test_an_error_that_is_not_the_compilers_propagates(monkeypatch):
+    """Only compiler failures send a pass down the eager path: any other error is the caller's,
+    raised as it is, and the pass stays compiled for the next call."""
+    monkeypatch.setenv(compiling.COMPILE_ENV, "1")
+    monkeypatch.setattr(compiling, "_failed", set())
+
+    def out_of_memory(*args):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(kernels.pack_kernel, "_compiled", {})
+    monkeypatch.setattr(kernels.pack_kernel, "_compile", lambda device_type, static: out_of_memory)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        htq.TUQSGD(bits=3, seed=1).encode(heavy_tailed(NUMEL, 0))
+    assert compiling.failed_passes() == []
+
+
+def test_tensor_sizes_do_not_recompile(monkeypatch):
+    """Every scheme's passes compile once per bit width for all tensor sizes (QSGD and NQSGD without
+    buckets too), and once more where the last packing block holds one column of 32 codes (dynamo
+    specialises a dimension of size 1): compilations counted by a backend that only counts."""
+    compiled = []
+
+    def counting(graph, inputs):
+        compiled.append(graph)
+        return graph.forward
+
+    monkeypatch.setenv(compiling.COMPILE_ENV, "1")
+    monkeypatch.setattr(compiling, "backend", counting)
+    torch._dynamo.reset()
+    for scheme in htq.SCHEMES.values():
+        q = scheme(bits=3, seed=1)
+        for kernel in vars(kernels).values():
+            if isinstance(kernel, compiling.Kernel):
+                monkeypatch.setattr(kernel, "_compiled", {})
+        counts = []
+        for numel in (NUMEL, 2 * NUMEL + 1, 3 * NUMEL + 100):  # last block: 1, 33 and 5 columns
+            rows = heavy_tailed(numel, 0).view(1, -1)
+            q.decode_sum(q.encode_rows(rows.expand(2, -1), key=(0, 1)), (numel,))
+            counts.append(len(compiled))
+        assert 0 < counts[0] <= counts[1] == counts[2], (scheme.__name__, counts)
+        compiled.clear()

@@ -1,0 +1,117 @@
+"""Run a pass over gradient memory compiled with torch.compile, or eagerly.
+
+Tensor sizes are dynamic, so a pass compiles once per device type and combination of static
+arguments (bit width, rule, grid), whatever the tensor sizes. Tensors smaller than a pass's
+`min_elements` run eagerly: a compiled call's fixed cost is larger. HOROVOD_TRUNCQ_COMPILE=0 runs
+every pass eagerly. Where the compiler fails (no C++ compiler, no Triton, an inductor bug), that pass
+runs eagerly from then on, with a logged warning, and the others stay compiled. Any other exception
+is the caller's and propagates. Both paths compute the same codes bit for bit.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import types
+from typing import Callable, Optional, Union
+
+import torch
+from torch._dynamo.exc import BackendCompilerFailed
+from torch._inductor.exc import CppCompileError, GPUTooOldForTriton, InvalidCxxCompiler, TritonMissing
+
+log = logging.getLogger("horovod_truncq")
+
+COMPILE_ENV = "HOROVOD_TRUNCQ_COMPILE"
+COMPILE_MIN_ELEMENTS = 1 << 14
+COMPILER_ERRORS = (BackendCompilerFailed, CppCompileError, InvalidCxxCompiler, TritonMissing, GPUTooOldForTriton)
+# torch.compile's backend: inductor; tests swap in a counting backend to count compilations
+backend: Union[str, Callable] = "inductor"
+
+_failed: set[tuple[str, tuple]] = set()  # (pass, (device type, *static arguments)) that failed to compile
+
+# Inductor's switches for eager CUDA's arithmetic: IEEE division (Triton's `/` is approximate), no
+# fused multiply-adds and no flushing of subnormals. Without them a compiled pass can round a code
+# or a sum differently from the eager pass and from the CPU. Their names vary between torch
+# versions: each is set where this version has it. (With emulate_precision_casts, torch 2.14's
+# inductor also points Triton at the CUDA toolkit's libdevice, for the whole process.)
+_EAGER_CUDA_NUMERICS = ("emulate_precision_casts", "emulate_divison_rounding", "eager_numerics.division_rounding",
+                        "eager_numerics.disable_ftz")
+
+
+def compiling_enabled() -> bool:
+    return os.environ.get(COMPILE_ENV, "1") != "0"
+
+
+def failed_passes() -> list[str]:
+    """The passes whose compilation failed in this process, which run eagerly from then on."""
+    return sorted(f"{name} on {key[0]} {dict(key[1:])}" for name, key in _failed)
+
+
+def _eager_cuda_numerics() -> dict[str, bool]:
+    from torch._inductor import config
+    known = config.get_config_copy()
+    return {name: True for name in _EAGER_CUDA_NUMERICS if name in known}
+
+
+class Kernel:
+    """A pass that runs compiled for tensors of at least `min_elements` elements, eagerly otherwise.
+    Keyword arguments are static: each combination compiles once, with the dimensions of the first
+    `dynamic_args` tensor arguments dynamic. Every index a pass computes is in range by construction
+    (codes are masked to their table's size), so inductor's bounds asserts are off."""
+
+    def __init__(self, fn: Callable[..., Optional[torch.Tensor]], fuse_into_reduction: bool = False,
+                 scalar_when: Callable[[dict], bool] = lambda static: False,
+                 min_elements: int = COMPILE_MIN_ELEMENTS, dynamic_args: int = 1) -> None:
+        self.fn = fn
+        self.min_elements = min_elements
+        self.dynamic_args = dynamic_args
+        self.scalar_when = scalar_when  # static arguments for which inductor's scalar CPU code is faster
+        self.options = {"assert_indirect_indexing": False}
+        if fuse_into_reduction:
+            # inductor writes out a pointwise result of many operations before reducing it; a sum over
+            # senders would then write and read 4 bytes per sender and element. Keep it in registers.
+            self.options.update(realize_opcount_threshold=1000, realize_reads_threshold=64,
+                                realize_acc_reads_threshold=64)
+        self._compiled: dict[tuple, Callable[..., Optional[torch.Tensor]]] = {}  # by device type and statics
+
+    def _compile(self, device_type: str, static: dict) -> Callable[..., Optional[torch.Tensor]]:
+        fn = self.fn
+
+        def bound(*args):
+            return fn(*args, **static)
+
+        # Dynamo caches compiled graphs per code object: a code object of its own per pass and static
+        # arguments keeps them from evicting each other.
+        name = "_".join([fn.__name__, device_type, *(f"{key}{value}" for key, value in sorted(static.items()))])
+        code = bound.__code__.replace(co_name=name)
+        function = types.FunctionType(code, bound.__globals__, name, None, bound.__closure__)
+        if backend != "inductor":
+            return torch.compile(function, backend=backend)
+        options = dict(self.options)
+        if device_type == "cpu" and self.scalar_when(static):
+            options["cpp.simdlen"] = 1
+        if device_type == "cuda":
+            # inductor's loop merging fails on the index arithmetic of 3-bit codes, which straddle
+            # words ("argument is not comparable", torch 2.11); the passes are elementwise over
+            # blocks and need no loop reordering
+            options["loop_ordering_after_fusion"] = False
+            options.update(_eager_cuda_numerics())
+        return torch.compile(function, options=options)
+
+    @torch.no_grad()  # one grad mode for every caller (backward hooks, optimizer step): one compilation
+    def __call__(self, numel: int, *args, **static) -> Optional[torch.Tensor]:
+        if numel >= self.min_elements and compiling_enabled():
+            key = (args[0].device.type, *sorted(static.items()))
+            if (self.fn.__name__, key) not in _failed:
+                compiled = self._compiled.get(key) or self._compiled.setdefault(key, self._compile(key[0], static))
+                for tensor in args[:self.dynamic_args]:
+                    for dim in range(tensor.dim()):
+                        torch._dynamo.maybe_mark_dynamic(tensor, dim)
+                try:
+                    return compiled(*args)
+                except COMPILER_ERRORS as error:
+                    _failed.add((self.fn.__name__, key))
+                    log.warning("horovod_truncq: torch.compile of %s on %s %s failed (%s: %s); this pass runs eagerly "
+                                "from now on (slower, same results)", self.fn.__name__, key[0], static,
+                                type(error).__name__, str(error).splitlines()[0][:200],
+                                exc_info=log.isEnabledFor(logging.DEBUG))
+        return self.fn(*args, **static)

@@ -1,0 +1,197 @@
+"""The one place that composes error feedback, the codec and the exchange for a bucket.
+
+A bucket (a fixed list of gradients, flattened into one float32 vector) goes through five stages,
+each ending with a collective started (exchange.py) that the next stage waits for:
+0. pad to W chunks of whole packing blocks, note which tensors are non-zero, node-sum;
+1. quantize this rank's part (one threshold per chunk) and scatter it;
+2. sum the contributions to this rank's chunk in float32, re-quantize the sum and gather it;
+3. share the gathered payloads inside the node;
+4. decode the W re-quantized chunks: the bucket's sum over ranks, the same bits on every rank.
+Every message carries, after its payload, which tensors of the bucket were non-zero on some rank: a
+tensor that is zero on every rank (a parameter that got no gradient) comes back exactly zero, not as
+rounding noise around zero. A NaN or Inf in any rank's chunk makes its whole bucket NaN.
+
+The owner re-quantizes the sum of its chunk; an average divides the decoded result afterwards. The
+quantizers are scale-equivariant (levels and norms scale with the data), so this equals
+re-quantizing the average.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from .exchange import NodePlan, Transfers, TwoPhaseExchange
+from .groups import Done, Group, Handle
+from .packing import BLOCK
+from .quantizers import Quantizer
+from .state import State
+
+STAGES = 5
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """A fixed group of gradients exchanged together, the same on every rank."""
+
+    index: int
+    names: tuple[str, ...]
+    sizes: tuple[int, ...]
+
+    @property
+    def name(self) -> str:
+        return f"{self.index}.{self.names[0]}"
+
+    @property
+    def numel(self) -> int:
+        return sum(self.sizes)
+
+    def offsets(self) -> list[int]:
+        starts, total = [], 0
+        for size in self.sizes:
+            starts.append(total)
+            total += size
+        return starts
+
+
+def plan_buckets(sizes: list[tuple[str, int]], bucket_bytes: int) -> list[Bucket]:
+    """Cut the (name, numel) list, in the order given, into buckets of about `bucket_bytes` float32 bytes."""
+    buckets, names, numels = [], [], []
+    for index, (name, numel) in enumerate(sizes):
+        names.append(name)
+        numels.append(numel)
+        if 4 * sum(numels) >= bucket_bytes or index == len(sizes) - 1:
+            buckets.append(Bucket(len(buckets), tuple(names), tuple(numels)))
+            names, numels = [], []
+    return buckets
+
+
+@dataclass
+class Flight:
+    """One bucket on its way through the stages during one step."""
+
+    bucket: Bucket
+    handle: Optional[Handle] = None
+    stage: int = 0
+    present: Optional[torch.Tensor] = None
+    carried: dict = field(default_factory=dict)
+
+
+def _trailer(present: torch.Tensor, rows: int) -> torch.Tensor:
+    """The presence flags as uint8 columns for `rows` rows, padded to whole 32-bit words."""
+    flags = present.to(torch.uint8)
+    padded = torch.zeros(-(-flags.numel() // 4) * 4, dtype=torch.uint8, device=flags.device)
+    padded[:flags.numel()] = flags
+    return padded.expand(rows, -1)
+
+
+class Reducer:
+    """Reduces buckets over a group with a quantizer and exchange settings; `state` holds the noise
+    keys, the residuals and the byte counter."""
+
+    def __init__(self, quantizer: Quantizer, exchange: TwoPhaseExchange, group: Group, state: State) -> None:
+        self.first = quantizer.for_error_feedback() if state.feedback is not None else quantizer
+        bits = exchange.second_bits
+        self.second = self.first if bits in (None, quantizer.bits) else self.first.with_bits(bits)
+        self.group, self.state = group, state
+        self.plan = NodePlan.build(exchange.nodes_of(group), group.rank, group.size)
+        self.transfers = Transfers(group, self.plan, state.traffic)
+        self._lengths: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+    def chunk(self, bucket: Bucket) -> int:
+        """Elements per owner: the bucket split in W equal chunks of whole 32-code blocks."""
+        return -(-bucket.numel // (self.group.size * BLOCK)) * BLOCK
+
+    def _encode(self, quantizer: Quantizer, rows: torch.Tensor, stream: str) -> torch.Tensor:
+        """Payloads of rows under the noise stream `stream`; with error feedback, of rows plus the
+        residual kept under `stream`, keeping the new residual."""
+        key, feedback = self.state.key(stream), self.state.feedback
+        if feedback is None:
+            return quantizer.encode_rows(rows, key)
+        x = feedback.corrected(stream, rows)
+        payloads = quantizer.encode_rows(x, key)
+        feedback.update(stream, x, quantizer.dequantize_own(payloads, x.shape[1]))
+        return payloads
+
+    def _presence(self, bucket: Bucket, flat: torch.Tensor) -> torch.Tensor:
+        """1.0 for each tensor of the bucket that holds a non-zero (NaN included), else 0.0."""
+        lengths = self._lengths.get((bucket.index, flat.device))
+        if lengths is None:
+            lengths = self._lengths.setdefault((bucket.index, flat.device),
+                                               torch.tensor(bucket.sizes, device=flat.device))
+        peak = torch.segment_reduce(flat.abs(), "max", lengths=lengths, unsafe=True, initial=0.0)
+        return (peak != 0).float()
+
+    def padded_numel(self, bucket: Bucket) -> int:
+        return self.group.size * self.chunk(bucket)
+
+    def start(self, bucket: Bucket, flat: torch.Tensor) -> Flight:
+        """Stage 0 for this rank's bucket: `flat`, float32, holds its bucket.numel elements, followed
+        by padding up to padded_numel(bucket) (zeros) or not (padded here, a copy)."""
+        flight = Flight(bucket)
+        if flat.numel() != self.padded_numel(bucket):
+            padded = torch.zeros(self.padded_numel(bucket), device=flat.device)
+            padded[:bucket.numel] = flat
+            flat = padded
+        present = self._presence(bucket, flat[:bucket.numel])
+        parts = flat.view(self.plan.node, -1)
+        flight.carried["parts"] = parts.shape[1]
+        if self.plan.node == 1:  # nothing to sum inside a node: no copy into a message
+            flight.carried["present"] = present
+            flight.handle = Done(parts)
+        else:
+            flight.handle = self.transfers.node_sum(torch.cat([parts, present.expand(self.plan.node, -1)], dim=1),
+                                                    bucket.name)
+        flight.stage = 1
+        return flight
+
+    def advance(self, flight: Flight) -> None:
+        """Wait for the collective of the current stage and run the next one."""
+        received = flight.handle.wait()
+        stage = (self._scatter, self._reduce, self._share, self._finish)[flight.stage - 1]
+        flight.handle = stage(flight, received)
+        flight.stage += 1
+
+    def _scatter(self, flight: Flight, received: torch.Tensor) -> Handle:
+        width = flight.carried.pop("parts")
+        if self.plan.node == 1:
+            node_sum, present = received[0], flight.carried.pop("present") > 0
+        else:
+            node_sum, present = received[:, :width].sum(dim=0), received[:, width:].sum(dim=0) > 0
+        payloads = self._encode(self.first, node_sum.view(self.plan.peers, -1), f"{flight.bucket.name}.scatter")
+        rows = torch.cat([payloads, _trailer(present, payloads.shape[0])], dim=1)
+        flight.carried["size"] = payloads.shape[1]
+        return self.transfers.scatter(rows, flight.bucket.name)
+
+    def _reduce(self, flight: Flight, received: torch.Tensor) -> Handle:
+        size, bucket = flight.carried.pop("size"), flight.bucket
+        present = received[:, size:size + len(bucket.sizes)].amax(dim=0)
+        try:
+            reduced = self.first.decode_sum(received[:, :size], (self.chunk(bucket),))
+        except ValueError as error:
+            raise ValueError(f"bucket {bucket.name!r}: a rank's chunk does not match {self.first!r} (ranks "
+                             f"disagree on the settings?): {error}") from error
+        payload = self._encode(self.second, reduced.view(1, -1), f"{bucket.name}.gather")
+        flight.carried["size"] = payload.shape[1]
+        return self.transfers.gather(torch.cat([payload, _trailer(present, 1)], dim=1), bucket.name)
+
+    def _share(self, flight: Flight, received: torch.Tensor) -> Handle:
+        return self.transfers.share(received, flight.bucket.name)
+
+    def _finish(self, flight: Flight, received: torch.Tensor) -> Handle:
+        size, bucket = flight.carried.pop("size"), flight.bucket
+        try:
+            values = self.second.decode_rows(received[:, :size], self.chunk(bucket))
+        except ValueError as error:
+            raise ValueError(f"bucket {bucket.name!r}: a reduced chunk does not match {self.second!r}: "
+                             f"{error}") from error
+        flight.present = received[0, size:size + len(bucket.sizes)].float()
+        return Done(values.view(-1)[:bucket.numel])
+
+    def finish(self, flight: Flight) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the remaining stages: (the bucket's float32 sum over ranks, 1.0 or 0.0 per tensor:
+        whether any rank sent a non-zero for it)."""
+        while flight.stage < STAGES:
+            self.advance(flight)
+        return flight.handle.wait(), flight.present
