@@ -35,7 +35,7 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--compressor", default="tnqsgd", choices=["none", "fp16", *htq.SCHEMES])
     p.add_argument("--bits", type=int, default=3)
-    p.add_argument("--exchange", default="two-phase", choices=["two-phase", "node-aware", "allgather"])
+    p.add_argument("--exchange", default="two-phase", choices=["two-phase", "node-aware"])
     p.add_argument("--bucket-bytes", type=int, default=None,
                    help="two-phase and node-aware bucket size (default: the library's)")
     p.add_argument("--batch-size", type=int, default=16)
@@ -79,7 +79,7 @@ def main() -> None:
                                              compression=getattr(hvd.Compression, args.compressor))
     else:
         exchange = args.exchange
-        if args.bucket_bytes and exchange != "allgather":
+        if args.bucket_bytes:
             exchange = {"two-phase": htq.TwoPhaseExchange,
                         "node-aware": htq.NodeAwareExchange}[exchange](bucket_bytes=args.bucket_bytes)
         optimizer = htq.DistributedOptimizer(base, named_parameters=model.named_parameters(),

@@ -67,12 +67,12 @@ def profile(fn, device: torch.device) -> str:
 
 def row(q: htq.Quantizer, x: torch.Tensor, senders: int, repeats: int) -> dict[str, float]:
     numel, buffer = x.numel(), torch.empty_like(x)
-    first = timed(lambda: q.decode_sum(torch.stack([q.encode(x, name="w")] * senders), (numel,)), x.device)
-    payloads = torch.stack([q.for_rank(rank).encode(x, name="w") for rank in range(senders)])
+    first = timed(lambda: q.decode_sum(torch.stack([q.encode(x, key=(0, 1))] * senders), (numel,)), x.device)
+    payloads = torch.stack([q.encode(x, key=(rank, 1)) for rank in range(senders)])
     copy, encode, decode = [], [], []
     for _ in range(repeats):
         copy.append(timed(lambda: buffer.copy_(x), x.device))
-        encode.append(timed(lambda: q.encode(x, name="w"), x.device))
+        encode.append(timed(lambda: q.encode(x, key=(0, 1)), x.device))
         decode.append(timed(lambda: q.decode_sum(payloads, (numel,)), x.device))
     base, enc, dec = (statistics.median(t) for t in (copy, encode, decode))
     return {"first": first, "copy": base, "enc": enc, "dec": dec,
@@ -114,8 +114,8 @@ def main() -> None:
                       f"{r['enc'] / numel * 1e9:.3g} | {r['dec'] / numel * 1e9:.3g} | {r['enc_roof']:.0%} | "
                       f"{r['dec_roof']:.0%} | {r['first']:.1f} |", flush=True)
                 if args.profile:
-                    payloads = torch.stack([q.encode(x, name="w")] * args.senders)
-                    print(profile(lambda: q.encode(x, name="w"), device), flush=True)
+                    payloads = torch.stack([q.encode(x, key=(0, 1))] * args.senders)
+                    print(profile(lambda: q.encode(x, key=(0, 1)), device), flush=True)
                     print(profile(lambda: q.decode_sum(payloads, (numel,)), device), flush=True)
     if htq.kernels.failed_passes():
         print("passes that failed to compile and ran eagerly:", "; ".join(htq.kernels.failed_passes()))

@@ -34,7 +34,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--bits", default="3", help="comma list of bits per coordinate (ignored by none, fp16)")
     p.add_argument("--tail", default=None, choices=["laplace", "powerlaw"], help="tail model (default: the scheme's)")
     p.add_argument("--bucket-size", type=int, default=None, help="QSGD/NQSGD bucket size (default: whole tensor)")
-    p.add_argument("--exchange", default="two-phase", choices=["two-phase", "node-aware", "allgather"],
+    p.add_argument("--exchange", default="two-phase", choices=["two-phase", "node-aware"],
                    help="how quantized gradients move between ranks")
     p.add_argument("--error-feedback", default="off",
                    help="comma list of off, on, or the share of the residual kept, e.g. 0.5 (runs each)")

@@ -18,7 +18,7 @@ from typing import Iterable, Optional, Union
 
 import horovod.torch as hvd
 import torch
-from horovod.torch.optimizer import _DistributedOptimizer
+from horovod.torch.optimizer import _DistributedAdasumOptimizer, _DistributedOptimizer
 
 from .exchange import TwoPhaseExchange, make_exchange
 from .horovod_group import HorovodGroup
@@ -230,6 +230,8 @@ def _calling_step() -> tuple[object, torch.Tensor]:
         if frame is None:
             break
         parameter = frame.f_locals.get("p", parameter)
+        if frame.f_code is _DistributedAdasumOptimizer._allreduce_grad_async.__code__:
+            _check_op(hvd.Adasum)
         if frame.f_code in _CALLERS:
             return frame.f_locals["self"], parameter
         frame = frame.f_back

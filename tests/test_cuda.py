@@ -9,7 +9,7 @@ import torch
 
 import horovod_truncq as htq
 from conftest import BIN, assert_ok, run_ranks
-from horovod_truncq import kernels, wire
+from horovod_truncq import compiling, wire
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -53,10 +53,10 @@ def test_compiled_equals_eager_and_the_cpu_decodes_the_same(cls, bits, monkeypat
     q = make(cls, bits)
     grads = laplace_rows(SENDERS, NUMEL)
     monkeypatch.setenv(compiling.COMPILE_ENV, "0")
-    eager = torch.stack([q.for_rank(r).encode(g, name="w") for r, g in enumerate(grads)])
+    eager = torch.stack([q.encode(g, key=(r, 1)) for r, g in enumerate(grads)])
     eager_sum = q.decode_sum(eager, (NUMEL,))
     monkeypatch.setenv(compiling.COMPILE_ENV, "1")
-    compiled = torch.stack([q.for_rank(r).encode(g, name="w") for r, g in enumerate(grads)])
+    compiled = torch.stack([q.encode(g, key=(r, 1)) for r, g in enumerate(grads)])
     assert not compiling.failed_passes()
     side = wire.HEADER_BYTES + 4 * q.side_info_count(NUMEL)
     assert compiled.is_cuda and torch.equal(compiled[:, :side], eager[:, :side]), "headers or side information differ"
@@ -74,9 +74,9 @@ def test_encode_never_waits_and_decode_sum_waits_once(cls, bits, extra, monkeypa
     monkeypatch.setenv(compiling.COMPILE_ENV, "1")
     q = make(cls, bits, **extra)
     grads = laplace_rows(SENDERS, NUMEL)
-    payloads = torch.stack([q.encode(g, name="w") for g in grads])  # compiles outside the counted calls
+    payloads = torch.stack([q.encode(g, key=(0, 1)) for g in grads])  # compiles outside the counted calls
     q.decode_sum(payloads, (NUMEL,))
-    _, encode_syncs = count_syncs(lambda: q.encode(grads[0], name="w"))
+    _, encode_syncs = count_syncs(lambda: q.encode(grads[0], key=(0, 1)))
     total, decode_syncs = count_syncs(lambda: q.decode_sum(payloads, (NUMEL,)))
     assert (encode_syncs, decode_syncs) == (0, 1)
     assert total.is_cuda and bool(torch.isfinite(total).all())
@@ -87,12 +87,12 @@ def test_the_first_encode_of_a_size_does_not_wait(monkeypatch):
     so that no compilation runs inside the count)."""
     monkeypatch.setenv(compiling.COMPILE_ENV, "0")
     x = laplace_rows(1, 12_345)[0]  # a size no other case encodes: its header is made here
-    _, syncs = count_syncs(lambda: make(htq.TNQSGD, 3).encode(x, name="w"))
+    _, syncs = count_syncs(lambda: make(htq.TNQSGD, 3).encode(x, key=(0, 1)))
     assert syncs == 0
 
 
 @pytest.mark.skipif(shutil.which("horovodrun", path=str(BIN)) is None, reason="Horovod not installed")
 def test_nccl_carries_the_payloads_on_one_rank():
     output = run_ranks(1, ["tests/workers/cuda_worker.py"], timeout=600)
-    for check in ("nccl", "allgather", "two-phase"):
+    for check in ("nccl", "two-phase"):
         assert_ok(output, check, 1)
