@@ -23,9 +23,9 @@ def test_every_compressor_trains_and_records(tmp_path):
         compressor = record["config"]["compressor"]
         assert record["config"]["workers"] == 2 and record["config"]["steps"] == 30
         assert [e["step"] for e in record["evaluations"]] == [15, 30]
-        if compressor in ("qsgd", "nqsgd"):  # per-tensor norms diverge at this learning rate (docs/results.md)
-            assert 0.0 <= record["final_accuracy"] <= 1.0
-        else:  # 10 classes: chance is 0.1; fp32 reaches about 0.58 in 30 steps
+        # 10 classes: chance is 0.1; fp32 reaches about 0.58 in 30 steps. QSGD and NQSGD with one norm
+        # per chunk may diverge at this learning rate (docs/results.md): no accuracy is promised for them.
+        if compressor not in ("qsgd", "nqsgd"):
             assert record["final_accuracy"] > 0.4, (name, record["final_accuracy"])
         moved = record["bytes_per_step"]
         assert moved["fp32_reference"] == 4 * record["config"]["parameters"]  # 2 (W - 1) / W = 1 at W = 2
