@@ -28,7 +28,7 @@ CONFIGS = ([(cls, tail, {}) for cls in (htq.TUQSGD, htq.TNQSGD, htq.TBQSGD) for 
 
 def capture_gradients(steps=(1, 50, 100)) -> list[torch.Tensor]:
     """Gradients of the example CNN during plain SGD on Fashion-MNIST (no Horovod needed)."""
-    from train_mnist import load_data, make_model
+    from mnist_common import load_data, make_model
     _, (train_x, train_y, _, _) = load_data(argparse.Namespace(data="auto", data_dir=None))
     torch.manual_seed(0)
     model = make_model("cnn")

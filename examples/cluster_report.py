@@ -18,10 +18,13 @@ RATE_NAMES = {"100mbit": "100 Mbit/s", "1gbit": "1 Gbit/s", "none": "unshaped"}
 
 
 def config_name(record: dict) -> str:
-    if record["compressor"] in ("none", "fp16"):
-        return {"none": "fp32 (Horovod)", "fp16": "fp16 (Horovod)"}[record["compressor"]]
+    frontend = {"horovod": "Horovod", "ddp": "DDP"}[record.get("frontend", "horovod")]
+    if record["compressor"] in ("none", "fp16", "bf16"):
+        return f"{record['compressor'].replace('none', 'fp32')} ({frontend})"
+    if record["compressor"] == "powersgd":
+        return f"PowerSGD rank {record['powersgd_rank']} ({frontend})"
     bucket = f", buckets {record['bucket_bytes'] / 2 ** 20:g} MiB" if record.get("bucket_bytes") else ""
-    return f"{record['compressor'].upper()} {record['bits']} bits, {record['exchange']}{bucket}"
+    return f"{record['compressor'].upper()} {record['bits']} bits, {record['exchange']}{bucket} ({frontend})"
 
 
 def load(folder: Path) -> dict[tuple[str, int, str], list[dict]]:
@@ -41,26 +44,29 @@ def tables(groups) -> list[str]:
     rates = sorted({key[0] for key in groups}, key=lambda r: RATE_ORDER.index(r) if r in RATE_ORDER else 99)
     for rate in rates:
         lines += [f"### {RATE_NAMES.get(rate, rate)}", "",
-                  "| ranks | configuration | runs | step s | vs fp32 | vs fp16 | forward+backward s | "
+                  "| ranks | configuration | runs | step s | vs fp32 | vs fp16 | vs PowerSGD r4 | forward+backward s | "
                   "received MB/rank/step | received bytes/element | two-phase formula | node rx MB/step |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for ranks in sorted({key[1] for key in groups if key[0] == rate}):
             keys = [key for key in groups if key[:2] == (rate, ranks)]
             step = {key[2]: statistics.median(r["step_seconds"] for r in groups[key]) for key in keys}
             for key in sorted(keys, key=lambda k: step[k[2]], reverse=True):
                 records = groups[key]
                 first = records[0]
-                received = statistics.median(r["received_per_rank"] for r in records)
-                per_element = received / first["parameters"]
+                counted = [r["received_per_rank"] for r in records if r["received_per_rank"] is not None]
+                received = statistics.median(counted) if counted else None
+                per_element = f"{received / first['parameters']:.3f}" if counted else "-"
                 formula = "-"
                 if first.get("exchange") == "two-phase":
                     formula = f"{two_phase_bytes_per_element(ranks, first['bits']):.3f}"
                 node_rx = statistics.median(statistics.mean(n["received"] for n in r["nodes"]) for r in records) / 1e6
                 ratio = lambda base: f"{step[base] / step[key[2]]:.2f}x" if base in step else "-"  # noqa: E731
-                lines.append(f"| {ranks} | {key[2]} | {len(records)} | {step[key[2]]:.2f} | {ratio('fp32 (Horovod)')} | "
-                             f"{ratio('fp16 (Horovod)')} | "
-                             f"{statistics.median(r['compute_seconds'] for r in records):.2f} | {received / 1e6:.2f} | "
-                             f"{per_element:.3f} | {formula} | {node_rx:.1f} |")
+                base = "DDP" if "(DDP)" in key[2] else "Horovod"
+                lines.append(f"| {ranks} | {key[2]} | {len(records)} | {step[key[2]]:.2f} | {ratio(f'fp32 ({base})')} | "
+                             f"{ratio(f'fp16 ({base})')} | {ratio('PowerSGD rank 4 (DDP)')} | "
+                             f"{statistics.median(r['compute_seconds'] for r in records):.2f} | "
+                             f"{'-' if received is None else f'{received / 1e6:.2f}'} | "
+                             f"{per_element} | {formula} | {node_rx:.1f} |")
         lines.append("")
     return lines
 

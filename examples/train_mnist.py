@@ -9,7 +9,6 @@ combination one after another in the same processes (the sweep in launch/sweep.s
 from __future__ import annotations
 
 import argparse
-import gzip
 import itertools
 import json
 import os
@@ -17,14 +16,12 @@ import time
 from pathlib import Path
 from typing import Union
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 import horovod.torch as hvd
 import horovod_truncq as htq
-
-FASHION_DIR = "/usr/share/datasets/fashion-mnist"
+from mnist_common import evaluate, load_data, make_model
 COMPRESSORS = ("none", "fp16", *htq.SCHEMES)  # Horovod's own, then every scheme of the library
 
 
@@ -56,46 +53,7 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-# ---------------------------------------------------------------- data
-def read_idx(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
-        raw = f.read()
-    dims = raw[3]
-    shape = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims)]
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
-
-
-def load_data(args) -> tuple[str, tuple[torch.Tensor, ...]]:
-    """(name, (train_x, train_y, test_x, test_y)) with images normalised to mean 0, std 1."""
-    folder = Path(args.data_dir or FASHION_DIR)
-    if args.data in ("auto", "fashion-mnist") and (folder / "train-images-idx3-ubyte.gz").exists():
-        name = "fashion-mnist" if args.data_dir is None else f"idx:{folder}"
-        arrays = [read_idx(folder / f"{split}-{kind}.gz") for split in ("train", "t10k")
-                  for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")]
-    elif args.data in ("auto", "mnist"):
-        import torchvision  # only needed for MNIST
-        root = args.data_dir or os.path.expanduser("~/.cache/horovod-truncq/mnist")
-        sets = [torchvision.datasets.MNIST(root, train=train, download=True) for train in (True, False)]
-        name = "mnist"
-        arrays = [a for s in sets for a in (s.data.numpy(), s.targets.numpy())]
-    else:
-        raise SystemExit(f"no Fashion-MNIST in {folder}: install Debian's dataset-fashion-mnist or pass --data-dir")
-    train_x, train_y, test_x, test_y = (torch.from_numpy(np.array(a)) for a in arrays)
-    mean, std = train_x.float().mean(), train_x.float().std()
-    norm = lambda x: ((x.float() - mean) / std).unsqueeze(1)  # noqa: E731
-    return name, (norm(train_x), train_y.long(), norm(test_x), test_y.long())
-
-
-# ---------------------------------------------------------------- model and compression
-def make_model(kind: str) -> torch.nn.Module:
-    if kind == "mlp":
-        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10))
-    return torch.nn.Sequential(
-        torch.nn.Conv2d(1, 16, 5), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-        torch.nn.Conv2d(16, 32, 5), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-        torch.nn.Flatten(), torch.nn.Linear(512, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
-
-
+# ---------------------------------------------------------------- compression
 def make_compression(name: str, bits: int, args, seed: int):
     if name == "none":
         return hvd.Compression.none
@@ -105,18 +63,6 @@ def make_compression(name: str, bits: int, args, seed: int):
     if name in ("qsgd", "nqsgd"):
         return cls(bits=bits, bucket_size=args.bucket_size, seed=seed)
     return cls(bits=bits, tail=args.tail, seed=seed)
-
-
-def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    model.eval()
-    correct, loss = 0, 0.0
-    with torch.no_grad():
-        for start in range(0, len(x), 1000):
-            out = model(x[start:start + 1000])
-            loss += F.cross_entropy(out, y[start:start + 1000], reduction="sum").item()
-            correct += (out.argmax(1) == y[start:start + 1000]).sum().item()
-    model.train()
-    return correct / len(x), loss / len(x)
 
 
 # ---------------------------------------------------------------- one run
@@ -158,12 +104,15 @@ def train(args, data_name: str, data, compressor: str, bits: int, seed: int, fee
               "evaluations": []}
     traffic = htq.Traffic()
     start = time.perf_counter()
+    step_seconds = []  # of each step, evaluation excluded: the first one pays any compilation
     for step in range(1, steps + 1):
+        began = time.perf_counter()
         index = shard[torch.randint(len(shard), (args.batch_size,), generator=sampler)]
         optimizer.zero_grad()
         loss = F.cross_entropy(model(train_x[index]), train_y[index])
         loss.backward()
         optimizer.step()
+        step_seconds.append(time.perf_counter() - began)
         if quantized:
             traffic = traffic + optimizer.traffic.take()
         if rank == 0 and (step % args.eval_every == 0 or step == steps):
@@ -180,6 +129,11 @@ def train(args, data_name: str, data, compressor: str, bits: int, seed: int, fee
     else:  # Horovod's ring allreduce of every gradient, in float32 or float16
         moved = fp32 // 2 if compressor == "fp16" else fp32
         bytes_per_step = {"sent": moved, "received": moved, "fp32_reference": fp32}
+    later = sorted(step_seconds[1:])[len(step_seconds[1:]) // 2] if len(step_seconds) > 1 else None
+    record.update(first_step_seconds=step_seconds[0], median_later_step_seconds=later)
+    if rank == 0:
+        print(f"[{label} seed={seed}] first step {step_seconds[0]:.2f}s, later steps {later or 0:.3f}s (median)",
+              flush=True)
     record.update(final_accuracy=record["evaluations"][-1]["accuracy"] if rank == 0 else None,
                   bytes_per_step=bytes_per_step, wall_seconds=time.perf_counter() - start)
     return record

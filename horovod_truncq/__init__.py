@@ -7,8 +7,9 @@
 
 Layers, each importing only those below it: the codec (quantizers.py and what it uses), the
 transport interface (groups.py), the exchange (exchange.py), the state (state.py), the reducer
-(reducer.py, staging.py), and the front ends (optimizer.py for Horovod). Only the Horovod transport
-(horovod_group.py) and front end import Horovod; this package imports them on first use.
+(reducer.py, staging.py), and the front ends (optimizer.py for Horovod, ddp.py for torch DDP). Only
+the Horovod transport (horovod_group.py) and front end import Horovod; this package imports the
+front ends on first use.
 """
 from .exchange import NodeAwareExchange, TwoPhaseExchange
 from .packing import pack, packed_size, unpack
@@ -31,6 +32,9 @@ def __getattr__(name: str):
     if name == "DistributedOptimizer":
         from .optimizer import DistributedOptimizer
         return DistributedOptimizer
+    if name == "ddp":
+        from . import ddp
+        return ddp
     raise AttributeError(f"module 'horovod_truncq' has no attribute {name!r}")
 
 

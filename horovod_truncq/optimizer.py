@@ -86,7 +86,8 @@ class Session:
         self.state = State(settings, quantizer.seed, self.group.rank, decay)
         agree(self.group, settings)
         self.reducer = Reducer(quantizer, exchange, self.group, self.state)
-        self.buckets = TensorBuckets(self.reducer, plan_buckets(self.quantized, exchange.bucket_bytes), self.state)
+        self.buckets = TensorBuckets(self.reducer, plan_buckets(self.quantized, exchange.bucket_bytes), self.state,
+                                     joinable=True)
         self.carries = {name for name, _ in self.quantized}
 
     @property
@@ -97,10 +98,11 @@ class Session:
         self.traffic.add_gradient(tensor.numel(), self.group.size)
         self.traffic.add_transfer(ring_allreduce_bytes(tensor.numel() * 4, self.group.size))
 
-    def submit(self, name: str, gradient: torch.Tensor) -> Waiter:
-        """Start the exchange of a quantized gradient; the waiter returns the result in its shape and dtype."""
+    def submit(self, name: str, gradient: torch.Tensor, computed: bool = True) -> Waiter:
+        """Start the exchange of a quantized gradient (`computed` False: zeros standing in for a
+        gradient this rank did not compute); the waiter returns the result in its shape and dtype."""
         self.traffic.add_gradient(gradient.numel(), self.group.size)
-        wait = self.buckets.submit(name, gradient)
+        wait = self.buckets.submit(name, gradient, computed)
         shape, dtype, ranks = gradient.shape, gradient.dtype, self.group.size
 
         def result() -> torch.Tensor:
@@ -133,6 +135,7 @@ class _QuantizedOptimizer(_DistributedOptimizer):
                                        gradient_predivide_factor=gradient_predivide_factor, groups=None,
                                        sparse_as_dense=sparse_as_dense, process_set=process_set)
         self._truncq: Optional[Session] = None
+        self._truncq_missing: set = set()
         if process_set.included():
             named = [(self._parameter_names[p], p) for group in self.param_groups for p in group["params"]]
             self._truncq = Session(named_parameters=named, process_set=process_set, average=op == hvd.Average,
@@ -144,11 +147,13 @@ class _QuantizedOptimizer(_DistributedOptimizer):
         return self._truncq.traffic if self._truncq is not None else None
 
     def _allreduce_grad_async(self, p):
+        self._truncq.buckets.count_ranks()
         name = self._parameter_names.get(p)
         if name not in self._truncq.carries:
             if p.grad is not None and p.grad.is_floating_point():
                 self._truncq.count_unquantized(p.grad)
             return _DistributedOptimizer._allreduce_grad_async(self, p)
+        computed = p not in self._truncq_missing
         if p.grad is None:  # as Horovod: another rank may have computed it
             p.grad = p.data.new(p.size()).zero_()
         gradient = p.grad
@@ -156,7 +161,15 @@ class _QuantizedOptimizer(_DistributedOptimizer):
             if not self.sparse_as_dense:
                 raise _sparse_error(name)
             gradient = gradient.to_dense()
-        return self._truncq.submit(name, gradient), None
+        return self._truncq.submit(name, gradient, computed), None
+
+    def synchronize(self) -> None:
+        # the parameters whose hook did not fire this step: Horovod submits zeros for them
+        self._truncq_missing = self._requires_update - set(self._handles)
+        try:
+            _DistributedOptimizer.synchronize(self)
+        finally:
+            self._truncq_missing = set()
 
     def state_dict(self) -> dict:
         """The optimizer's state and, under "horovod_truncq", this rank's exchange state (seed, step,
@@ -220,11 +233,14 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters=None
 # ---------------------------------------------------------------- the quantizer given to Horovod's own optimizer
 _CALLERS = {getattr(_DistributedOptimizer, method).__code__
             for method in ("_allreduce_grad_async", "_grouped_allreduce_grad_async")}
+_SYNCHRONIZE = _DistributedOptimizer.synchronize.__code__
 
 
-def _calling_step() -> tuple[object, torch.Tensor]:
-    """(optimizer, parameter) of the Horovod per-parameter step that called compress. The grouped
-    step calls it from a list comprehension, a frame of its own before Python 3.12."""
+def _calling_step() -> tuple[object, torch.Tensor, bool]:
+    """(optimizer, parameter, whether this rank computed its gradient) of the Horovod per-parameter
+    step that called compress. The grouped step calls it from a list comprehension, a frame of its
+    own before Python 3.12. Horovod's synchronize submits zeros for parameters whose hook did not
+    fire this step (and only those are not among its handles yet)."""
     frame, parameter = sys._getframe(3), None
     for _ in range(3):
         if frame is None:
@@ -233,7 +249,9 @@ def _calling_step() -> tuple[object, torch.Tensor]:
         if frame.f_code is _DistributedAdasumOptimizer._allreduce_grad_async.__code__:
             _check_op(hvd.Adasum)
         if frame.f_code in _CALLERS:
-            return frame.f_locals["self"], parameter
+            optimizer = frame.f_locals["self"]
+            missing = frame.f_back.f_code is _SYNCHRONIZE and parameter not in optimizer._handles
+            return optimizer, parameter, not missing
         frame = frame.f_back
     raise TypeError("a horovod_truncq quantizer's compress is called by hvd.DistributedOptimizer "
                     "(compression=q); to quantize a tensor yourself, use q.encode and q.decode")
@@ -257,15 +275,16 @@ class HorovodCompression:
         return session
 
     def compress(self, tensor: torch.Tensor) -> tuple[torch.Tensor, object]:
-        optimizer, parameter = _calling_step()
+        optimizer, parameter, computed = _calling_step()
         session = self._session(optimizer)
+        session.buckets.count_ranks()
         name = optimizer._parameter_names[parameter]
         if not tensor.is_floating_point() or name not in session.carries:
             if tensor.is_floating_point():
                 session.count_unquantized(tensor)
             return tensor, ("unquantized", tensor.dtype)
         session.traffic.add_transfer(ring_allreduce_bytes(PLACEHOLDER_BYTES, session.group.size))
-        return torch.zeros(1, device=tensor.device), ("quantized", session.submit(name, tensor))
+        return torch.zeros(1, device=tensor.device), ("quantized", session.submit(name, tensor, computed))
 
     def decompress(self, tensor: torch.Tensor, ctx: object) -> torch.Tensor:
         if ctx is None:  # Horovod's sparse path, which never calls compress

@@ -2,14 +2,14 @@
 
 A bucket (a fixed list of gradients, flattened into one float32 vector) goes through five stages,
 each ending with a collective started (exchange.py) that the next stage waits for:
-0. pad to W chunks of whole packing blocks, note which tensors are non-zero, node-sum;
+0. pad to W chunks of whole packing blocks, node-sum;
 1. quantize this rank's part (one threshold per chunk) and scatter it;
 2. sum the contributions to this rank's chunk in float32, re-quantize the sum and gather it;
 3. share the gathered payloads inside the node;
 4. decode the W re-quantized chunks: the bucket's sum over ranks, the same bits on every rank.
-Every message carries, after its payload, which tensors of the bucket were non-zero on some rank: a
-tensor that is zero on every rank (a parameter that got no gradient) comes back exactly zero, not as
-rounding noise around zero. A NaN or Inf in any rank's chunk makes its whole bucket NaN.
+Every payload carries after it one byte per tensor of the bucket: which tensors its sender, then
+its owner's senders, computed. A tensor that no rank computed (a parameter that got no gradient)
+comes back exactly zero, not as rounding noise around zero. A NaN or Inf in any rank's chunk makes its whole bucket NaN.
 
 The owner re-quantizes the sum of its chunk; an average divides the decoded result afterwards. The
 quantizers are scale-equivariant (levels and norms scale with the data), so this equals
@@ -97,7 +97,7 @@ class Reducer:
         self.group, self.state = group, state
         self.plan = NodePlan.build(exchange.nodes_of(group), group.rank, group.size)
         self.transfers = Transfers(group, self.plan, state.traffic)
-        self._lengths: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self._lengths: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
 
     def chunk(self, bucket: Bucket) -> int:
         """Elements per owner: the bucket split in W equal chunks of whole 32-code blocks."""
@@ -114,35 +114,30 @@ class Reducer:
         feedback.update(stream, x, quantizer.dequantize_own(payloads, x.shape[1]))
         return payloads
 
-    def _presence(self, bucket: Bucket, flat: torch.Tensor) -> torch.Tensor:
-        """1.0 for each tensor of the bucket that holds a non-zero (NaN included), else 0.0."""
-        lengths = self._lengths.get((bucket.index, flat.device))
+    def presence(self, bucket: Bucket, flat: torch.Tensor) -> torch.Tensor:
+        """1 for each tensor of the bucket that holds a non-zero (NaN included), else 0: for front
+        ends that cannot tell which gradients were computed (one pass over the bucket)."""
+        lengths = self._lengths.get((bucket.sizes, flat.device))
         if lengths is None:
-            lengths = self._lengths.setdefault((bucket.index, flat.device),
+            lengths = self._lengths.setdefault((bucket.sizes, flat.device),
                                                torch.tensor(bucket.sizes, device=flat.device))
-        peak = torch.segment_reduce(flat.abs(), "max", lengths=lengths, unsafe=True, initial=0.0)
-        return (peak != 0).float()
+        peak = torch.segment_reduce(flat[:bucket.numel].abs(), "max", lengths=lengths, unsafe=True, initial=0.0)
+        return (peak != 0).to(torch.uint8)
 
     def padded_numel(self, bucket: Bucket) -> int:
         return self.group.size * self.chunk(bucket)
 
-    def start(self, bucket: Bucket, flat: torch.Tensor) -> Flight:
+    def start(self, bucket: Bucket, flat: torch.Tensor, present: torch.Tensor) -> Flight:
         """Stage 0 for this rank's bucket: `flat`, float32, holds its bucket.numel elements, followed
-        by padding up to padded_numel(bucket) (zeros) or not (padded here, a copy)."""
+        by padding up to padded_numel(bucket) (zeros) or not (padded here, a copy). `present`: uint8,
+        1 for each tensor this rank computed (a tensor no rank computed comes back exactly zero)."""
         flight = Flight(bucket)
         if flat.numel() != self.padded_numel(bucket):
             padded = torch.zeros(self.padded_numel(bucket), device=flat.device)
             padded[:bucket.numel] = flat
             flat = padded
-        present = self._presence(bucket, flat[:bucket.numel])
-        parts = flat.view(self.plan.node, -1)
-        flight.carried["parts"] = parts.shape[1]
-        if self.plan.node == 1:  # nothing to sum inside a node: no copy into a message
-            flight.carried["present"] = present
-            flight.handle = Done(parts)
-        else:
-            flight.handle = self.transfers.node_sum(torch.cat([parts, present.expand(self.plan.node, -1)], dim=1),
-                                                    bucket.name)
+        flight.carried["present"] = present
+        flight.handle = self.transfers.node_sum(flat.view(self.plan.node, -1), bucket.name)
         flight.stage = 1
         return flight
 
@@ -154,11 +149,8 @@ class Reducer:
         flight.stage += 1
 
     def _scatter(self, flight: Flight, received: torch.Tensor) -> Handle:
-        width = flight.carried.pop("parts")
-        if self.plan.node == 1:
-            node_sum, present = received[0], flight.carried.pop("present") > 0
-        else:
-            node_sum, present = received[:, :width].sum(dim=0), received[:, width:].sum(dim=0) > 0
+        node_sum = received[0] if self.plan.node == 1 else received.sum(dim=0)
+        present = flight.carried.pop("present")
         payloads = self._encode(self.first, node_sum.view(self.plan.peers, -1), f"{flight.bucket.name}.scatter")
         rows = torch.cat([payloads, _trailer(present, payloads.shape[0])], dim=1)
         flight.carried["size"] = payloads.shape[1]
@@ -186,7 +178,8 @@ class Reducer:
         except ValueError as error:
             raise ValueError(f"bucket {bucket.name!r}: a reduced chunk does not match {self.second!r}: "
                              f"{error}") from error
-        flight.present = received[0, size:size + len(bucket.sizes)].float()
+        # each row carries what one position of a node learnt from its peers: all rows, every rank
+        flight.present = received[:, size:size + len(bucket.sizes)].amax(dim=0).float()
         return Done(values.view(-1)[:bucket.numel])
 
     def finish(self, flight: Flight) -> tuple[torch.Tensor, torch.Tensor]:

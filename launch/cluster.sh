@@ -13,11 +13,15 @@
 # Environment overrides: RATES (e.g. "100mbit 1gbit none"), RANKS ("4 8"), CONFIGS (see below),
 # STEPS, WARMUP, REPEAT (runs of each configuration), OUT (default runs/cluster), REPORT (a folder
 # for the report, default none), RESUME=1 (skip runs whose record is already in OUT),
-# THP_MEM_ALLOC_ENABLE=1 (PyTorch's large tensors on huge pages in every rank; default 0);
+# THP_MEM_ALLOC_ENABLE=1 (PyTorch's large tensors on huge pages in every rank; default 0),
+# COMPARE=DIR (also run every configuration with the code of another checkout DIR, right after this
+# code's run, into records named ...-base: an A/B in one invocation; DIR uses this .venv);
 # MALLOC_MMAP_MAX_ and MALLOC_TRIM_THRESHOLD_, glibc's allocator settings, go to every rank when set
 # (MALLOC_MMAP_MAX_=0 keeps freed memory for reuse: docs/quantizers.md, "Speed").
-# A configuration is compressor:bits:exchange[:bucket_bytes], e.g. "none:0:- fp16:0:- tnqsgd:3:two-phase"
-# or "tnqsgd:3:two-phase:4194304" (two-phase buckets of 4 MiB instead of the default).
+# A configuration is [ddp/]compressor:bits:exchange[:bucket_bytes], e.g. "none:0:- fp16:0:- tnqsgd:3:two-phase"
+# or "tnqsgd:3:two-phase:4194304" (two-phase buckets of 4 MiB instead of the default). With "ddp/" the
+# run uses torch DDP over Gloo instead of Horovod: "ddp/none:0:-" (DDP's allreduce), "ddp/fp16:0:-",
+# "ddp/bf16:0:-", "ddp/powersgd:4:-" (PowerSGD of rank 4), "ddp/tnqsgd:3:node-aware" (this library's hook).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -97,20 +101,27 @@ for rate in $RATES; do
   for ranks in $RANKS; do
     per_node=$((ranks / 2))
     for config in $CONFIGS; do
+      frontend=horovod
+      case "$config" in ddp/*) frontend=ddp; config=${config#ddp/} ;; esac
       IFS=: read -r compressor bits exchange bucket <<< "$config"
-      [ "$exchange" = - ] && exchange=two-phase  # ignored by none and fp16
+      [ "$exchange" = - ] && exchange=two-phase  # ignored by the baselines
       bucket_args=(); [ -n "$bucket" ] && bucket_args=(--bucket-bytes "$bucket")
+      [ "$compressor" = powersgd ] && bucket_args+=(--rank "$bits")
       for repeat in $(seq 1 "$REPEAT"); do
-        name="$rate-w$ranks-$compressor-b$bits-$exchange${bucket:+-$bucket}-r$repeat"
+       for tree in "$ROOT" ${COMPARE:-}; do
+        name="$rate-w$ranks-${frontend/horovod/hvd}-$compressor-b$bits-$exchange${bucket:+-$bucket}-r$repeat"
+        [ "$tree" = "$ROOT" ] || name="$name-base"
         if [ "${RESUME:-0}" = 1 ] && [ -s "$OUT/$name.json" ]; then echo "==> [cluster] $name: kept"; continue; fi
         echo "==> [cluster] $name"
+        export PYTHONPATH=$tree
         # rtc_hwloc_vmhole none: Open MPI 4.1's daemon otherwise maps a shared hwloc topology at an
         # address that is sometimes taken, and dies with a segfault before any rank starts.
         timeout 1200 mpirun --allow-run-as-root --oversubscribe -bind-to none --mca rtc_hwloc_vmhole none \
           --mca plm_rsh_agent "$WORK/agent" --mca routed direct --mca pml ob1 --mca btl tcp,self \
           --mca btl_tcp_if_include 10.77.0.0/24 --mca oob_tcp_if_include 10.77.0.0/24 \
-          -H "hn1:$per_node,hn2:$per_node" -np "$ranks" -x PYTHONUNBUFFERED -x HOROVOD_TRUNCQ_COMPILE -x THP_MEM_ALLOC_ENABLE "${allocator_env[@]}" \
-          "$PY" "$ROOT/examples/bench_cluster.py" --compressor "$compressor" --bits "$bits" \
+          -H "hn1:$per_node,hn2:$per_node" -np "$ranks" -x PYTHONUNBUFFERED -x PYTHONPATH -x HOROVOD_TRUNCQ_COMPILE -x THP_MEM_ALLOC_ENABLE "${allocator_env[@]}" \
+          -x BENCH_MASTER=10.77.0.1 "$PY" "$tree/examples/bench_cluster.py" --frontend "$frontend" \
+          --compressor "$compressor" --bits "$bits" \
           --exchange "$exchange" "${bucket_args[@]}" --steps "$STEPS" --warmup "$WARMUP" --label "$rate" \
           --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1 || true
         grep -E "^\[bench\]|rror|Traceback|signal" "$OUT/$name.log" || true
@@ -120,6 +131,7 @@ for rate in $RATES; do
           exit 1
         fi
         runs=$((runs + 1))
+       done
       done
     done
   done

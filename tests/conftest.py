@@ -40,6 +40,11 @@ def run_ranks(np: int, args: list[str], controller: str = "gloo", timeout: int =
                 pytest.skip("mpirun not installed")
             cmd += ["--mpi-args=--oversubscribe --allow-run-as-root"]
         cmd += [sys.executable, *args]
+    return run_command(cmd, timeout, **env)
+
+
+def run_command(cmd: list[str], timeout: int = 300, **env: str) -> str:
+    """Run `cmd` from the repository root; return its output, fail the test on a non-zero exit or a hang."""
     try:
         done = subprocess.run(cmd, cwd=ROOT, env=horovod_env(**env), capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as error:

@@ -8,7 +8,7 @@ pytestmark = pytest.mark.multirank
 
 
 def test_two_ranks_gloo():
-    checks = ["oneliner", "none", "bytes", "features", "sparse", "mismatch"]
+    checks = ["oneliner", "none", "bytes", "features", "sparse", "mismatch", "join"]
     output = run_ranks(2, [WORKER, *checks])
     for check in checks:
         assert_ok(output, check, 2)

@@ -67,11 +67,14 @@ def raises_everywhere(fn, match: str, tag: str) -> None:
     hvd.barrier()  # no rank shuts Horovod down under one still sending
 
 
-def optimizer(net, **options):
+def optimizer(net, prefix: str = "", **options):
+    """htq.DistributedOptimizer over `net`. Optimizers whose settings differ (op) need parameter names
+    of their own (`prefix`): Horovod caches what it learnt of an allreduce by the tensor's name, and
+    the same names under another op came back with the first op's scaling."""
     options.setdefault("compression", htq.TNQSGD(bits=3, seed=SEED))
     options.setdefault("min_elements", 300)
-    return htq.DistributedOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), named_parameters=net.named_parameters(),
-                                    **options)
+    return htq.DistributedOptimizer(torch.optim.SGD(net.parameters(), lr=0.1),
+                                    named_parameters=[(prefix + n, p) for n, p in net.named_parameters()], **options)
 
 
 def check_average() -> None:
@@ -80,14 +83,15 @@ def check_average() -> None:
     for exchange in (htq.TwoPhaseExchange(bucket_bytes=4096), htq.NodeAwareExchange(ranks_per_node=SIZE // 2)):
         for op in (hvd.Average, hvd.Sum):
             net = model()
-            opt = optimizer(net, compression=htq.TNQSGD(bits=8, seed=SEED), exchange=exchange, op=op)
+            opt = optimizer(net, f"{exchange.name}.{op}.", compression=htq.TNQSGD(bits=8, seed=SEED),
+                            exchange=exchange, op=op)
             opt.zero_grad()
             x, y = batch(0)
             torch.nn.functional.cross_entropy(net(x), y).backward()
             local = {n: p.grad.clone() for n, p in net.named_parameters()}
             opt.synchronize()
             for n, p in net.named_parameters():
-                reference = hvd.allreduce(local[n], name=f"test.reference.{n}", op=op)
+                reference = hvd.allreduce(local[n], name=f"test.reference.{exchange.name}.{op}.{n}", op=op)
                 if p.numel() < 300:
                     torch.testing.assert_close(p.grad, reference, rtol=1e-6, atol=1e-7)  # fused sums in another order
                 else:
@@ -274,7 +278,29 @@ def check_resume() -> None:
     print(f"OK resume {RANK}", flush=True)
 
 
-CHECKS = {"average": check_average, "oneliner": check_oneliner, "none": check_none, "bytes": check_bytes,
+def check_join() -> None:
+    """Ranks that run different numbers of steps (hvd.join, Horovod's way to train on uneven data):
+    while a rank has joined, the others go on with it counted as zeros, as Horovod's own optimizer
+    does: rank 0's last step moves its parameters by exactly its own gradient over the ranks."""
+    net = model()
+    opt = optimizer(net, min_elements=0)
+    for index in range(3 if RANK == 0 else 2):
+        if index == 2:
+            opt.zero_grad()
+            x, y = batch(index)
+            torch.nn.functional.cross_entropy(net(x), y).backward()
+            local = {n: p.grad.clone() for n, p in net.named_parameters()}
+            before = {n: p.detach().clone() for n, p in net.named_parameters()}
+            opt.step()
+            for n, p in net.named_parameters():
+                assert torch.equal(p.detach(), before[n].add_(local[n] / SIZE, alpha=-0.1)), n
+        else:
+            sgd_step(opt, net, index)
+    hvd.join()
+    print(f"OK join {RANK}", flush=True)
+
+
+CHECKS = {"join": check_join, "average": check_average, "oneliner": check_oneliner, "none": check_none, "bytes": check_bytes,
           "features": check_features, "sparse": check_sparse, "mismatch": check_mismatch, "resume": check_resume}
 
 for scenario in scenarios:
