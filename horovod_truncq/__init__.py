@@ -11,6 +11,8 @@ transport interface (groups.py), the exchange (exchange.py), the state (state.py
 the Horovod transport (horovod_group.py) and front end import Horovod; this package imports the
 front ends on first use.
 """
+import importlib
+
 from .exchange import NodeAwareExchange, TwoPhaseExchange
 from .packing import pack, packed_size, unpack
 from .quantizers import NQSGD, QSGD, SCHEMES, TBQSGD, TNQSGD, TUQSGD, Quantizer
@@ -32,9 +34,8 @@ def __getattr__(name: str):
     if name == "DistributedOptimizer":
         from .optimizer import DistributedOptimizer
         return DistributedOptimizer
-    if name == "ddp":
-        from . import ddp
-        return ddp
+    if name == "ddp":  # imported here, not with `from . import`, which would ask this function again
+        return importlib.import_module(".ddp", __name__)
     raise AttributeError(f"module 'horovod_truncq' has no attribute {name!r}")
 
 
