@@ -107,6 +107,7 @@ for rate in $RATES; do
       [ "$exchange" = - ] && exchange=two-phase  # ignored by the baselines
       bucket_args=(); [ -n "$bucket" ] && bucket_args=(--bucket-bytes "$bucket")
       [ "$compressor" = powersgd ] && bucket_args+=(--rank "$bits")
+      [ "$frontend" = ddp ] && bucket_args+=(--frontend ddp)
       for repeat in $(seq 1 "$REPEAT"); do
        for tree in "$ROOT" ${COMPARE:-}; do
         name="$rate-w$ranks-${frontend/horovod/hvd}-$compressor-b$bits-$exchange${bucket:+-$bucket}-r$repeat"
@@ -120,8 +121,7 @@ for rate in $RATES; do
           --mca plm_rsh_agent "$WORK/agent" --mca routed direct --mca pml ob1 --mca btl tcp,self \
           --mca btl_tcp_if_include 10.77.0.0/24 --mca oob_tcp_if_include 10.77.0.0/24 \
           -H "hn1:$per_node,hn2:$per_node" -np "$ranks" -x PYTHONUNBUFFERED -x PYTHONPATH -x HOROVOD_TRUNCQ_COMPILE -x THP_MEM_ALLOC_ENABLE "${allocator_env[@]}" \
-          -x BENCH_MASTER=10.77.0.1 "$PY" "$tree/examples/bench_cluster.py" --frontend "$frontend" \
-          --compressor "$compressor" --bits "$bits" \
+          -x BENCH_MASTER=10.77.0.1 "$PY" "$tree/examples/bench_cluster.py" --compressor "$compressor" --bits "$bits" \
           --exchange "$exchange" "${bucket_args[@]}" --steps "$STEPS" --warmup "$WARMUP" --label "$rate" \
           --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1 || true
         grep -E "^\[bench\]|rror|Traceback|signal" "$OUT/$name.log" || true
