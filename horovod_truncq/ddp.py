@@ -41,7 +41,7 @@ from .exchange import TwoPhaseExchange, make_exchange
 from .quantizers import Quantizer
 from .reducer import STAGES, Bucket, Flight, Reducer
 from .state import State as RunState
-from .state import agree
+from .state import agree, front_end_options
 from .torch_group import TorchGroup
 from .traffic import TrafficCounter, ring_allreduce_bytes
 
@@ -67,18 +67,13 @@ class State:
                  process_group: Optional[dist.ProcessGroup] = None, ranks_per_node: Optional[int] = None) -> None:
         if not isinstance(quantizer, Quantizer):
             raise TypeError(f"quantizer must be a horovod_truncq quantizer, got {type(quantizer).__name__}")
-        if isinstance(min_elements, bool) or not isinstance(min_elements, int) or min_elements < 0:
-            raise ValueError(f"min_elements must be an int >= 0, got {min_elements!r}")
-        if not (isinstance(error_feedback, bool) or
-                isinstance(error_feedback, (int, float)) and 0 < error_feedback <= 1):
-            raise ValueError(f"error_feedback must be True, False or the share of the residual kept, in (0, 1]; "
-                             f"got {error_feedback!r}")
+        decay = front_end_options(min_elements, error_feedback)
         exchange = make_exchange(exchange)
         self.group = TorchGroup(process_group, ranks_per_node)
         self.min_elements = min_elements
         settings = (f"{quantizer!r} exchange={exchange!r} min_elements={min_elements} "
-                    f"error_feedback={float(error_feedback)} nodes={self.group.nodes}")
-        self.run = RunState(settings, quantizer.seed, self.group.rank, float(error_feedback))
+                    f"error_feedback={decay} nodes={self.group.nodes}")
+        self.run = RunState(settings, quantizer.seed, self.group.rank, decay)
         agree(self.group, settings)
         self.reducer = Reducer(quantizer, exchange, self.group, self.run)
         self.layouts: dict[int, Bucket] = {}

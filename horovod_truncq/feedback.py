@@ -4,8 +4,7 @@
 
 With truncation the residual carries the clipped tails into later steps, so the decoded gradients
 average to the true ones over time instead of staying biased. One residual per quantized input:
-per tensor under the allgather exchange; per bucket under the two-phase exchange, where the owner of
-a chunk also keeps one for its re-quantization. Residuals take 4 bytes per element, on the
+per bucket (the rows a rank quantizes), and one for the owner's re-quantization of its chunk. Residuals take 4 bytes per element, on the
 gradient's device. A non-finite input (NaN or Inf) leaves no residual: it restarts at zero.
 
 decay = 1 is the classic rule: nothing is lost, but what truncation clips from the few largest

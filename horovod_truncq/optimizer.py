@@ -25,20 +25,12 @@ from .horovod_group import HorovodGroup
 from .quantizers import Quantizer
 from .reducer import Reducer, plan_buckets
 from .staging import TensorBuckets, Waiter
-from .state import State, agree
+from .state import State, agree, front_end_options
 from .traffic import TrafficCounter, ring_allreduce_bytes
 
 STATE_KEY = "horovod_truncq"
 DEFAULT_MIN_ELEMENTS = 1024
 PLACEHOLDER_BYTES = 4
-
-
-def _feedback_decay(error_feedback: Union[bool, float]) -> float:
-    if not (isinstance(error_feedback, bool) or
-            isinstance(error_feedback, (int, float)) and 0 < error_feedback <= 1):
-        raise ValueError(f"error_feedback must be True, False or the share of the residual kept, in (0, 1]; "
-                         f"got {error_feedback!r}")
-    return float(error_feedback)
 
 
 def _check_op(op) -> None:
@@ -67,15 +59,13 @@ class Session:
                  average: bool = True) -> None:
         if not isinstance(quantizer, Quantizer):
             raise TypeError(f"compression must be a horovod_truncq quantizer, got {type(quantizer).__name__}")
-        if isinstance(min_elements, bool) or not isinstance(min_elements, int) or min_elements < 0:
-            raise ValueError(f"min_elements must be an int >= 0, got {min_elements!r}")
+        decay = front_end_options(min_elements, error_feedback)
         named = list(named_parameters)
         names = [name for name, _ in named]
         repeated = sorted({name for name in names if names.count(name) > 1})
         if repeated:
             raise ValueError(f"named_parameters repeats the names {repeated}: every parameter needs a name of its own")
         exchange = make_exchange(exchange)
-        decay = _feedback_decay(error_feedback)
         self.min_elements, self.average = min_elements, average
         self.group = HorovodGroup(process_set)
         # Gradients usually become ready in the reverse order of registration: buckets follow it.

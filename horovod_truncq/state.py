@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -20,6 +20,17 @@ from .traffic import TrafficCounter
 
 log = logging.getLogger("horovod_truncq")
 _DESCRIPTION_BYTES = 1024
+
+
+def front_end_options(min_elements: int, error_feedback: Union[bool, float]) -> float:
+    """Check the options both front ends take; the share of the residual error feedback keeps (0: off)."""
+    if isinstance(min_elements, bool) or not isinstance(min_elements, int) or min_elements < 0:
+        raise ValueError(f"min_elements must be an int >= 0, got {min_elements!r}")
+    if not (isinstance(error_feedback, bool) or
+            isinstance(error_feedback, (int, float)) and 0 < error_feedback <= 1):
+        raise ValueError(f"error_feedback must be True, False or the share of the residual kept, in (0, 1]; "
+                         f"got {error_feedback!r}")
+    return float(error_feedback)
 
 
 class State:

@@ -1,9 +1,9 @@
 """What the network carries for one rank, counted from the collectives' sizes.
 
 Every collective here moves data in a ring or pairwise pattern in which a rank sends as much as it
-receives: an allgather or alltoall of W blocks of P bytes sends and receives (W - 1) P bytes per
-rank; a ring allreduce of B bytes sends and receives 2 (W - 1) / W B. The fp32 reference is the
-second formula for every gradient at 4 bytes per element: what Horovod's plain allreduce carries.
+receives: an alltoall sends and receives the rows addressed to other ranks (exchange.py counts
+them); a ring allreduce of B bytes sends and receives 2 (W - 1) / W B. The fp32 reference is the
+latter for every gradient at 4 bytes per element: what Horovod's plain allreduce carries.
 """
 from __future__ import annotations
 
@@ -13,11 +13,6 @@ from dataclasses import dataclass, field
 def ring_allreduce_bytes(nbytes: int, ranks: int) -> int:
     """Bytes one rank sends (and receives) in a ring allreduce of `nbytes` over `ranks` ranks."""
     return 2 * (ranks - 1) * nbytes // ranks
-
-
-def gather_bytes(block: int, ranks: int) -> int:
-    """Bytes one rank sends (and receives) in an allgather or alltoall of `ranks` blocks of `block` bytes."""
-    return (ranks - 1) * block
 
 
 @dataclass

@@ -11,7 +11,15 @@ import horovod_truncq as htq
 from torch._dynamo.exc import BackendCompilerFailed
 from horovod_truncq import compiling, kernels
 
-NUMEL = 3 * compiling.COMPILE_MIN_ELEMENTS + 17  # compiled, and not a whole number of 32-code blocks
+COMPILED_FROM = 1 << 14  # passes this large compile in these tests
+NUMEL = 3 * COMPILED_FROM + 17  # compiled, and not a whole number of 32-code blocks
+
+
+@pytest.fixture(autouse=True)
+def compile_small_passes(monkeypatch):
+    """Compile passes of a few ten thousand elements, so that these tests stay quick."""
+    monkeypatch.setattr(compiling, "COMPILE_MIN_ELEMENTS", COMPILED_FROM)
+
 
 def scaled_sign(seed: int) -> htq.Quantizer:
     """TNQSGD at 1 bit under error feedback: nearest rounding instead of stochastic."""
@@ -58,6 +66,7 @@ def test_failed_compilation_falls_back_to_eager(tmp_path):
     script = (
         "import torch, horovod_truncq as htq\n"
         "from horovod_truncq import compiling\n"
+        f"compiling.COMPILE_MIN_ELEMENTS = {COMPILED_FROM}\n"
         f"x = torch.randn({NUMEL}, generator=torch.Generator().manual_seed(0))\n"
         "q = htq.TNQSGD(bits=3, seed=1)\n"
         "payload = q.encode(x, key=(0, 7))\n"

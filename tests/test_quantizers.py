@@ -158,7 +158,7 @@ def test_every_element_goes_to_a_neighbouring_level(cls, bits):
     """Whatever the rounding path (interval search, or arithmetic for levels of one or two
     spacings), each decoded element is one of the two levels around its truncated value."""
     q = cls(bits=bits, seed=5)
-    x = student_t(40_000, seed=11)  # above COMPILE_MIN_ELEMENTS: the compiled passes run
+    x = student_t(40_000, seed=11)
     grid = q.levels(x)
     target = x.clamp(grid[0], grid[-1])
     decoded = q.decode(q.encode(x), x.shape)
