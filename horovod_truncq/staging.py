@@ -19,7 +19,6 @@ from typing import Callable, Optional
 import torch
 
 from .groups import Handle
-
 from .reducer import STAGES, Bucket, Flight, Reducer
 from .state import State
 from .traffic import ring_allreduce_bytes
