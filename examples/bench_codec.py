@@ -31,6 +31,7 @@ import time
 import torch
 
 import horovod_truncq as htq
+from horovod_truncq import compiling
 
 ALLOCATOR_ENV = ("THP_MEM_ALLOC_ENABLE", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_")  # read at process start
 SCHEMES = [(htq.TUQSGD, {}), (htq.TNQSGD, {}), (htq.TBQSGD, {}), (htq.QSGD, {"bucket_size": 512}), (htq.NQSGD, {})]
@@ -108,8 +109,8 @@ def main() -> None:
                 q = cls(bits=bits, seed=0, **extra)
                 r = row(q, x, args.senders, args.repeats)
                 name = cls.__name__ + (f" (bucket {extra['bucket_size']})" if extra else "")
-                name += " (eager)" if not htq.kernels.compiling_enabled() else (
-                    " (partly eager)" if htq.kernels.failed_passes() else "")
+                name += " (eager)" if not compiling.compiling_enabled() else (
+                    " (partly eager)" if compiling.failed_passes() else "")
                 print(f"| {numel:,} | {name} | {bits} | {r['enc'] / r['copy']:.2f} | {r['dec'] / r['copy']:.2f} | "
                       f"{r['enc'] / numel * 1e9:.3g} | {r['dec'] / numel * 1e9:.3g} | {r['enc_roof']:.0%} | "
                       f"{r['dec_roof']:.0%} | {r['first']:.1f} |", flush=True)
@@ -117,8 +118,8 @@ def main() -> None:
                     payloads = torch.stack([q.encode(x, key=(0, 1))] * args.senders)
                     print(profile(lambda: q.encode(x, key=(0, 1)), device), flush=True)
                     print(profile(lambda: q.decode_sum(payloads, (numel,)), device), flush=True)
-    if htq.kernels.failed_passes():
-        print("passes that failed to compile and ran eagerly:", "; ".join(htq.kernels.failed_passes()))
+    if compiling.failed_passes():
+        print("passes that failed to compile and ran eagerly:", "; ".join(compiling.failed_passes()))
 
 
 if __name__ == "__main__":
