@@ -39,7 +39,7 @@ import torch.distributed as dist
 
 from .exchange import TwoPhaseExchange, make_exchange
 from .quantizers import Quantizer
-from .reducer import STAGES, Bucket, Flight, Reducer
+from .reducer import Bucket, Flight, Reducer
 from .state import State as RunState
 from .state import agree, front_end_options
 from .torch_group import TorchGroup
@@ -108,13 +108,8 @@ class State:
         """Run the remaining stages of every bucket, one stage of all before the next, and complete
         their futures with the average over ranks."""
         pending, self.pending = self.pending, []
-        flights = [flight for flight, _, _ in pending]
-        while any(flight.stage < STAGES - 1 for flight in flights):  # the last stage decodes: no collective
-            for flight in flights:
-                if flight.stage < STAGES - 1:
-                    self.reducer.advance(flight)
-        for flight, future, buffer in pending:
-            values, present = self.reducer.finish(flight)
+        results = self.reducer.finish_all([flight for flight, _, _ in pending])
+        for (flight, future, buffer), (values, present) in zip(pending, results):
             for slot, (offset, size) in enumerate(zip(flight.bucket.offsets(), flight.bucket.sizes)):
                 values[offset:offset + size].mul_(present[slot])  # exact zeros where no rank had a gradient
             future.set_result(values.div_(self.group.size).to(buffer.dtype).view_as(buffer))

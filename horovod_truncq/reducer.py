@@ -182,6 +182,15 @@ class Reducer:
         flight.present = received[:, size:size + len(bucket.sizes)].amax(dim=0).float()
         return Done(values.view(-1)[:bucket.numel])
 
+    def finish_all(self, flights: list[Flight]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """`finish` for several buckets, one stage of all before the next: every rank issues the
+        collectives in the same order, each as early as it can."""
+        while any(flight.stage < STAGES for flight in flights):
+            for flight in flights:
+                if flight.stage < STAGES:
+                    self.advance(flight)
+        return [self.finish(flight) for flight in flights]
+
     def finish(self, flight: Flight) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the remaining stages: (the bucket's float32 sum over ranks, 1.0 or 0.0 per tensor:
         whether any rank sent a non-zero for it)."""

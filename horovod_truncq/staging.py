@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import torch
 
 from .groups import Handle
-from .reducer import STAGES, Bucket, Flight, Reducer
+from .reducer import Bucket, Flight, Reducer
 from .state import State
 from .traffic import ring_allreduce_bytes
 
@@ -118,20 +118,14 @@ class TensorBuckets:
         for bucket in self.buckets:
             if bucket.index not in self._flights and bucket.index not in self._fallbacks:
                 self._launch(bucket)
-        flights = list(self._flights.values())
-        while any(flight.stage < STAGES for flight in flights):
-            for flight in flights:  # one stage of every bucket before the next: collectives start early
-                self.reducer.advance(flight)
+        self._results.update(zip(self._flights, self.reducer.finish_all(list(self._flights.values()))))
 
     def _wait(self, bucket: Bucket, name: str) -> torch.Tensor:
         if not self._draining:
             self._drain()
-        if bucket.index not in self._results:
-            if bucket.index in self._fallbacks:
-                total = self._fallbacks[bucket.index].wait()
-                self._results[bucket.index] = (total, torch.ones(len(bucket.sizes), device=total.device))
-            else:
-                self._results[bucket.index] = self.reducer.finish(self._flights[bucket.index])
+        if bucket.index not in self._results:  # a step with a joined rank
+            total = self._fallbacks[bucket.index].wait()
+            self._results[bucket.index] = (total, torch.ones(len(bucket.sizes), device=total.device))
         values, present = self._results[bucket.index]
         slot, offset = self.slot_of[name]
         size = bucket.sizes[slot]
