@@ -24,6 +24,8 @@ def config_name(record: dict) -> str:
     if record["compressor"] == "powersgd":
         return f"PowerSGD rank {record['powersgd_rank']} ({frontend})"
     bucket = f", buckets {record['bucket_bytes'] / 2 ** 20:g} MiB" if record.get("bucket_bytes") else ""
+    if record.get("bucket_size"):
+        bucket += f", scale per {record['bucket_size']}"
     return f"{record['compressor'].upper()} {record['bits']} bits, {record['exchange']}{bucket} ({frontend})"
 
 

@@ -66,7 +66,7 @@ class Session:
         if repeated:
             raise ValueError(f"named_parameters repeats the names {repeated}: every parameter needs a name of its own")
         exchange = make_exchange(exchange)
-        self.min_elements, self.average = min_elements, average
+        self.min_elements = min_elements
         self.group = HorovodGroup(process_set)
         # Gradients usually become ready in the reverse order of registration: buckets follow it.
         self.quantized = [(name, p.numel()) for name, p in reversed(named)
@@ -77,7 +77,7 @@ class Session:
         agree(self.group, settings)
         self.reducer = Reducer(quantizer, exchange, self.group, self.state)
         self.buckets = TensorBuckets(self.reducer, plan_buckets(self.quantized, exchange.bucket_bytes), self.state,
-                                     joinable=True)
+                                     joinable=True, average=average)
         self.carries = {name for name, _ in self.quantized}
 
     @property
@@ -93,15 +93,8 @@ class Session:
         gradient this rank did not compute); the waiter returns the result in its shape and dtype."""
         self.traffic.add_gradient(gradient.numel(), self.group.size)
         wait = self.buckets.submit(name, gradient, computed)
-        shape, dtype, ranks = gradient.shape, gradient.dtype, self.group.size
-
-        def result() -> torch.Tensor:
-            total = wait()
-            if self.average:
-                total = total.div_(ranks)
-            return total.view(shape).to(dtype)
-
-        return result
+        shape, dtype = gradient.shape, gradient.dtype
+        return lambda: wait().view(shape).to(dtype)
 
     def restart_step(self) -> None:
         """Forget a step that did not finish (an exception, a checkpoint reload)."""

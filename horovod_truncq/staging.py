@@ -30,8 +30,10 @@ log = logging.getLogger("horovod_truncq")
 class TensorBuckets:
     """Per-tensor submission into the buckets of a Reducer."""
 
-    def __init__(self, reducer: Reducer, buckets: list[Bucket], state: State, joinable: bool = False) -> None:
+    def __init__(self, reducer: Reducer, buckets: list[Bucket], state: State, joinable: bool = False,
+                 average: bool = False) -> None:
         self.reducer, self.buckets, self.state, self.joinable = reducer, buckets, state, joinable
+        self.divisor = float(reducer.group.size) if average else 1.0
         self.bucket_of = {name: bucket for bucket in buckets for name in bucket.names}
         self._flags: dict[tuple, torch.Tensor] = {}
         self.slot_of = {name: (index, offset) for bucket in buckets
@@ -129,7 +131,9 @@ class TensorBuckets:
         values, present = self._results[bucket.index]
         slot, offset = self.slot_of[name]
         size = bucket.sizes[slot]
-        mine = values[offset:offset + size] * present[slot]  # a tensor of its own; exact zeros if unused
+        # one pass: a tensor of its own, the sum / divisor (bit for bit), exact zeros where no rank computed
+        # it (divisor / 0 = inf; a NaN bucket stays NaN)
+        mine = values[offset:offset + size] / (self.divisor / present[slot])
         self._outstanding -= 1
         if self._outstanding == 0:
             self.state.step += 1

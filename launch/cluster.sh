@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Emulated two-node cluster on one machine, and the step-time benchmark across it.
 #
-# Builds two network namespaces (hn1, hn2) joined by a bridge, shapes each node's link with tc,
+# Builds two network namespaces joined by a bridge (launch/netns.sh), shapes each node's link with tc,
 # runs examples/bench_cluster.py on W ranks (W/2 per node) with mpirun for every configuration, and
 # writes one JSON record and the run's full output (.log) per run under $OUT. Tears everything
 # down on exit, error or interrupt.
@@ -38,57 +38,11 @@ if [ "${1:-}" = "--smoke" ]; then
   RATES="none 100mbit"; RANKS="4"; CONFIGS="none:0:- tnqsgd:3:two-phase"; STEPS=2; WARMUP=1
 fi
 
-fail() { echo "!! [cluster] $*" >&2; exit 2; }
-[ "$(id -u)" = 0 ] || fail "needs root (network namespaces and tc)"
-for tool in ip tc mpirun; do command -v "$tool" >/dev/null || fail "needs '$tool' (iproute2, Open MPI)"; done
-[ -x "$PY" ] || fail "no $PY: run launch/setup.sh first"
-ip netns list 2>/dev/null | grep -qw hn1 && fail "namespace hn1 exists already: another cluster.sh running?"
-
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/truncq-cluster.XXXXXX")
-HOSTS_MARK="# horovod-truncq cluster.sh"
-teardown() {
-  for i in 1 2; do ip netns del "hn$i" 2>/dev/null || true; ip link del "veth$i" 2>/dev/null || true; done
-  ip link del hvbr0 2>/dev/null || true
-  sed -i "/$HOSTS_MARK/d" /etc/hosts 2>/dev/null || true
-  rm -rf "$WORK"
-}
-trap teardown EXIT
-trap 'exit 130' INT TERM
-
-echo "==> [cluster] two namespaces on bridge hvbr0 (10.77.0.0/24)"
-ip link add hvbr0 type bridge
-ip link set hvbr0 up
-ip addr add 10.77.0.254/24 dev hvbr0  # mpirun runs in the root namespace
-for i in 1 2; do
-  ip netns add "hn$i"
-  ip link add "veth$i" type veth peer name eth0 netns "hn$i"
-  ip link set "veth$i" master hvbr0 up
-  ip netns exec "hn$i" ip addr add "10.77.0.$i/24" dev eth0
-  ip netns exec "hn$i" ip link set eth0 up
-  ip netns exec "hn$i" ip link set lo up
-  echo "10.77.0.$i hn$i $HOSTS_MARK" >> /etc/hosts
-done
-cat > "$WORK/agent" <<'AGENT'
-#!/bin/sh
-host=$1; shift
-exec ip netns exec "$host" sh -c "$*"
-AGENT
-chmod +x "$WORK/agent"
-
-shape() {  # shape RATE: both directions of both nodes' links; "none" removes the shaping
-  for i in 1 2; do
-    if [ "$1" = none ]; then
-      tc qdisc del dev "veth$i" root 2>/dev/null || true
-      ip netns exec "hn$i" tc qdisc del dev eth0 root 2>/dev/null || true
-    else
-      tc qdisc replace dev "veth$i" root tbf rate "$1" burst 256kb latency 50ms
-      ip netns exec "hn$i" tc qdisc replace dev eth0 root tbf rate "$1" burst 256kb latency 50ms
-    fi
-  done
-}
+[ -x "$PY" ] || { echo "!! [cluster] no $PY: run launch/setup.sh first" >&2; exit 2; }
+. "$ROOT/launch/netns.sh"
+netns_up
 
 mkdir -p "$OUT"
-export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 PYTHONUNBUFFERED=1
 export HOROVOD_TRUNCQ_COMPILE=${HOROVOD_TRUNCQ_COMPILE:-1}
 export THP_MEM_ALLOC_ENABLE=${THP_MEM_ALLOC_ENABLE:-0}  # docs/quantizers.md, "Speed"
 allocator_env=()  # set to an empty string, a glibc variable would still count (as 0): passed only when set
@@ -97,7 +51,7 @@ for variable in MALLOC_MMAP_MAX_ MALLOC_TRIM_THRESHOLD_; do
 done
 runs=0
 for rate in $RATES; do
-  shape "$rate"
+  netns_shape "$rate"
   for ranks in $RANKS; do
     per_node=$((ranks / 2))
     for config in $CONFIGS; do
@@ -115,13 +69,8 @@ for rate in $RATES; do
         if [ "${RESUME:-0}" = 1 ] && [ -s "$OUT/$name.json" ]; then echo "==> [cluster] $name: kept"; continue; fi
         echo "==> [cluster] $name"
         export PYTHONPATH=$tree
-        # rtc_hwloc_vmhole none: Open MPI 4.1's daemon otherwise maps a shared hwloc topology at an
-        # address that is sometimes taken, and dies with a segfault before any rank starts.
-        timeout 1200 mpirun --allow-run-as-root --oversubscribe -bind-to none --mca rtc_hwloc_vmhole none \
-          --mca plm_rsh_agent "$WORK/agent" --mca routed direct --mca pml ob1 --mca btl tcp,self \
-          --mca btl_tcp_if_include 10.77.0.0/24 --mca oob_tcp_if_include 10.77.0.0/24 \
-          -H "hn1:$per_node,hn2:$per_node" -np "$ranks" -x PYTHONUNBUFFERED -x PYTHONPATH -x HOROVOD_TRUNCQ_COMPILE -x THP_MEM_ALLOC_ENABLE "${allocator_env[@]}" \
-          -x BENCH_MASTER=10.77.0.1 "$PY" "$tree/examples/bench_cluster.py" --compressor "$compressor" --bits "$bits" \
+        netns_mpirun "$per_node" "$ranks" -x PYTHONPATH -x HOROVOD_TRUNCQ_COMPILE -x THP_MEM_ALLOC_ENABLE "${allocator_env[@]}" -- \
+          "$PY" "$tree/examples/bench_cluster.py" --compressor "$compressor" --bits "$bits" \
           --exchange "$exchange" "${bucket_args[@]}" --steps "$STEPS" --warmup "$WARMUP" --label "$rate" \
           --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1 || true
         grep -E "^\[bench\]|rror|Traceback|signal" "$OUT/$name.log" || true

@@ -58,3 +58,43 @@ def test_feedback_report_from_fixture(tmp_path):
         "| fp32", "| tnqsgd 1 bits", "| tnqsgd 1 bits + error feedback", "| tnqsgd 1 bits + error feedback ×0.5"]
     assert "| 2 | 40.00 ± 0.00 | 65.00 ± 7.07 | 400 | 0.100 |" in rows[2]
     assert (out / "accuracy_vs_steps.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def tta_record(kind, compressor, seed=0, label="none", qualities=(), times=(), workload="resnet", **method):
+    return {"workload": workload, "frontend": "ddp", "compressor": compressor, "bits": method.get("bits"),
+            "exchange": method.get("exchange"), "bucket_size": None, "bucket_bytes": None,
+            "powersgd_rank": method.get("powersgd_rank"), "seed": seed, "label": label, "ranks": 8,
+            "ranks_per_node": 4, "steps": 40, "warmup": 3, "parameters": 1000,
+            "higher_is_better": workload == "resnet", "step_seconds_all": list(times),
+            "evaluations": [{"step": 10 * (i + 1), "quality": q, "train_seconds": 1.0} for i, q in enumerate(qualities)],
+            "received_per_rank": 2e6 if kind == "curve" else None,
+            "nodes": [{"sent": 3e6, "received": 4e6}, {"sent": 3e6, "received": 4e6}]}
+
+
+def test_tta_report_composes_steps_to_target_and_step_time(tmp_path):
+    """Time to target = the first evaluation at or past the target x the median step time after the
+    warm-up on the link; a configuration that never reaches it says so."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    tnqsgd = {"bits": 3, "exchange": "node-aware"}
+    fixture = {
+        "curve-fp32": tta_record("curve", "none", qualities=[0.5, 0.84, 0.86, 0.85]),
+        "curve-fp16": tta_record("curve", "fp16", qualities=[0.5, 0.7, 0.80, 0.83]),
+        "curve-tnqsgd": tta_record("curve", "tnqsgd", qualities=[0.5, 0.7, 0.845, 0.85], **tnqsgd),
+        # warm-up steps (9 s) are dropped: medians 4.0, 2.0 and 1.0 s
+        "time-fp32": tta_record("time", "none", label="100mbit", times=[9, 9, 9, 4, 4, 5, 3]),
+        "time-fp16": tta_record("time", "fp16", label="100mbit", times=[9, 9, 9, 2, 2, 2]),
+        "time-tnqsgd": tta_record("time", "tnqsgd", label="100mbit", times=[9, 9, 9, 1, 1.5, 0.5], **tnqsgd),
+    }
+    for name, r in fixture.items():
+        (runs / f"{name}.json").write_text(json.dumps(r))
+    out = tmp_path / "docs"
+    subprocess.run([sys.executable, "examples/tta_report.py", str(runs), "--out", str(out)],
+                   cwd=ROOT, check=True, capture_output=True)
+    rows = [line for line in (out / "tables.md").read_text().splitlines() if line.startswith("| ") and "---" not in line]
+    assert rows[1:] == [
+        "| TNQSGD 3 bits, node-aware (DDP) | 1 | 1.00 | 30 | 30 | 2.67x | - | - | 0.8500 | 2.00 | 4.0 |",
+        "| fp32 (DDP) | 1 | 4.00 | 20 | 80 | 1.00x | - | - | 0.8500 | 2.00 | 4.0 |",
+        "| fp16 (DDP) | 1 | 2.00 | missed | - | - | - | - | 0.8300 | 2.00 | 4.0 |",
+    ]
+    assert (out / "tta_resnet.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
