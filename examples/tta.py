@@ -63,7 +63,7 @@ def main() -> None:
             if traffic is not None:
                 traffic.take()
         for group in optimizer.param_groups:
-            group["lr"] = workload.learning_rate(step, workload.peak_lr)
+            group["lr"] = workload.learning_rate(step)
         batch = workload.batch()
         began = time.perf_counter()
         optimizer.zero_grad()

@@ -27,6 +27,7 @@ class Workload:
     name: str
     higher_is_better: bool
     steps: int  # the budget every configuration trains for
+    peak_lr: float
 
     def __init__(self, rank: int, size: int, seed: int) -> None:
         self.rank, self.size = rank, size
@@ -47,12 +48,12 @@ class Workload:
     def quality(self, model: torch.nn.Module) -> float:
         raise NotImplementedError
 
-    def learning_rate(self, step: int, peak: float) -> float:
-        """Cosine decay from `peak` to zero over the budget, after a warm-up of 5% of it."""
+    def learning_rate(self, step: int) -> float:
+        """Cosine decay from the peak to zero over the budget, after a warm-up of 5% of it."""
         warmup = max(1, self.steps // 20)
         if step < warmup:
-            return peak * (step + 1) / warmup
-        return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (self.steps - warmup)))
+            return self.peak_lr * (step + 1) / warmup
+        return self.peak_lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (self.steps - warmup)))
 
 
 class ResNetFashion(Workload):

@@ -9,7 +9,7 @@ gradient's device. A non-finite input (NaN or Inf) leaves no residual: it restar
 
 decay = 1 is the classic rule: nothing is lost, but what truncation clips from the few largest
 elements piles up in their residuals and arrives many steps late, which can destabilise training at
-a high learning rate (docs/results.md, "Error feedback"). decay < 1 forgets a share of the residual
+a high learning rate (`launch/feedback.sh` measures it). decay < 1 forgets a share of the residual
 each step, so nothing waits longer than a few steps, at the price of part of the bias coming back.
 """
 from __future__ import annotations

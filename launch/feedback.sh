@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Error feedback at 1 and 2 bits (docs/results.md, "Error feedback"): 8 workers on Fashion-MNIST,
+# Error feedback at 1 and 2 bits: 8 workers on Fashion-MNIST,
 # fp32, TNQSGD, TUQSGD (1 bit) and QSGD with 512-element buckets (2 bits: QSGD needs a sign and a
 # magnitude), each without error feedback, with it, and with half the residual kept (0.5), 3 seeds;
 # then the report.
