@@ -46,7 +46,8 @@ def main() -> None:
     args, method = parse_args()
     faulthandler.enable(all_threads=True)
     run = frontends.start(method.frontend)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // run.local_size))
+    threads = max(1, (os.cpu_count() or 1) // run.local_size)
+    torch.set_num_threads(threads)
     workload = WORKLOADS[args.workload](run.rank, run.size, args.seed)
     steps = args.steps or workload.steps
     torch.manual_seed(args.seed)  # the same initial model in every configuration
@@ -74,7 +75,9 @@ def main() -> None:
         if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == steps):
             run.barrier()
             if run.rank == 0:
+                torch.set_num_threads(os.cpu_count() or 1)  # the other ranks wait at the barrier
                 quality = workload.quality(getattr(model, "module", model))
+                torch.set_num_threads(threads)
                 evaluations.append({"step": step + 1, "quality": quality, "train_loss": loss.item()})
                 print(f"[tta] {args.label} {args.workload} {method.frontend} {method.compressor} step {step + 1}/{steps}"
                       f"  quality {quality:.4f}  {sum(times):.1f}s", flush=True)

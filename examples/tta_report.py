@@ -1,6 +1,6 @@
 """Time to accuracy from launch/tta.sh's records: one table per workload and link rate, and plots.
 
-    .venv/bin/python examples/tta_report.py runs/tta --out docs/tta
+    .venv/bin/python examples/tta_report.py docs/tta/records --out docs/tta
 
 A configuration's time to target on a link = the steps its unshaped run needed to reach the target
 (first evaluation at or past it) x its median step time on that link (the "time" runs, after their
@@ -161,7 +161,7 @@ def plot(workload: str, curves, times, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("records", type=Path)
+    parser.add_argument("records", type=Path, nargs="?", default=Path("docs/tta/records"))
     parser.add_argument("--out", type=Path, default=Path("docs/tta"))
     args = parser.parse_args()
     curves, times, checks = load(args.records)
@@ -172,7 +172,7 @@ def main() -> None:
     for workload in {k[0] for k in curves}:
         plot(workload, curves, times, args.out / f"tta_{workload}.png")
     page = ["# Time to accuracy on the emulated cluster: generated tables", "",
-            "Produced by `bash launch/tta.sh` (records in runs/tta), then", "",
+            "Produced by `bash launch/tta.sh` (its records are in [records/](records)), then", "",
             f"    .venv/bin/python examples/tta_report.py {args.records} --out {args.out}", "",
             *(__doc__.split("\n\n")[2:3]), "", *body,
             *(f"![{TITLES[w]}](tta_{w}.png)" for w in TITLES if any(k[0] == w for k in curves)), ""]

@@ -14,8 +14,9 @@
 # Environment: WORKLOADS ("resnet charlm"), CONFIGS (below), SEEDS ("0"), RANKS ("8"), RATES (link
 # rates of the time runs, "100mbit 1gbit"), STEPS (the curve runs' budget; default the workload's),
 # STEPS_TIMED (9, of which tta.py's first 3 are warm-up: compilation, PowerSGD's fp32 steps), OUT
-# (runs/tta), REPORT (docs/tta; empty: no report). Runs whose record exists in OUT are kept, so an
-# interrupted grid resumes where it stopped. A configuration is frontend/compressor:bits[:bucket_size]
+# (the JSON records: docs/tta/records, committed with the report they make), LOGS (runs/tta),
+# REPORT (docs/tta; empty: no report). Runs whose record exists in OUT are kept, so an interrupted
+# grid resumes where it stopped and a new configuration joins the report without rerunning the rest. A configuration is frontend/compressor:bits[:bucket_size]
 # with frontend hvd (Horovod) or ddp (torch DDP over Gloo): ddp/none:0 (fp32 allreduce), ddp/fp16:0,
 # ddp/bf16:0, ddp/powersgd:4 (rank 4), ddp/tnqsgd:3 (this library, node-aware), ddp/qsgd:2:512.
 set -euo pipefail
@@ -29,13 +30,14 @@ RANKS=${RANKS:-8}
 RATES=${RATES-"100mbit 1gbit"}
 STEPS=${STEPS:-}
 STEPS_TIMED=${STEPS_TIMED:-9}
-OUT=${OUT:-$ROOT/runs/tta}
+OUT=${OUT:-$ROOT/docs/tta/records}
+LOGS=${LOGS:-$ROOT/runs/tta}
 REPORT=${REPORT-$ROOT/docs/tta}
 
 [ -x "$PY" ] || { echo "!! [tta] no $PY: run launch/setup.sh first" >&2; exit 2; }
 . "$ROOT/launch/netns.sh"
 netns_up
-mkdir -p "$OUT"
+mkdir -p "$OUT" "$LOGS"
 export PYTHONPATH=$ROOT HOROVOD_TRUNCQ_COMPILE=${HOROVOD_TRUNCQ_COMPILE:-1}
 
 # run NAME RATE RANKS CONFIG SEED ARGS...: one examples/tta.py run, unless its record exists
@@ -51,9 +53,9 @@ run() {
   netns_shape "$rate"
   netns_mpirun $((ranks / 2)) "$ranks" -x PYTHONPATH -x HOROVOD_TRUNCQ_COMPILE -- \
     "$PY" "$ROOT/examples/tta.py" "${method[@]}" --seed "$seed" --label "$rate" --out "$OUT/$name.json" "$@" \
-    > "$OUT/$name.log" 2>&1 || true
-  grep -E "^\[tta\].*(s for|quality)|rror|Traceback|signal" "$OUT/$name.log" | tail -n 3 || true
-  [ -s "$OUT/$name.json" ] || { echo "!! [tta] $name wrote no record: $OUT/$name.log" >&2; tail -n 20 "$OUT/$name.log" >&2; }
+    > "$LOGS/$name.log" 2>&1 || true
+  grep -E "^\[tta\].*(s for|quality)|rror|Traceback|signal" "$LOGS/$name.log" | tail -n 3 || true
+  [ -s "$OUT/$name.json" ] || { echo "!! [tta] $name wrote no record: $LOGS/$name.log" >&2; tail -n 20 "$LOGS/$name.log" >&2; }
 }
 
 for workload in $WORKLOADS; do
