@@ -7,13 +7,20 @@ than it saves. HOROVOD_TRUNCQ_COMPILE=0 runs
 every pass eagerly. Where the compiler fails (no C++ compiler, no Triton, an inductor bug), that pass
 runs eagerly from then on, with a logged warning, and the others stay compiled. Any other exception
 is the caller's and propagates. Both paths compute the same codes bit for bit.
+
+The processes of one machine compile one at a time (a file lock in inductor's cache folder, held
+during each pass's first compiled call): the first fills inductor's on-disk cache and the others load
+from it, rather than all ranks compiling the same passes at once on shared cores.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import types
-from typing import Callable, Optional, Union
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Union
 
 import torch
 from torch._dynamo.exc import BackendCompilerFailed
@@ -50,6 +57,49 @@ def failed_passes() -> list[str]:
     return sorted(f"{name} on {key[0]} {dict(key[1:])}" for name, key in _failed)
 
 
+def _own_table(tensor: object) -> object:
+    """A table argument (levels, norms) in memory of its own, contiguous from offset 0: a table of one
+    row sliced from a payload keeps the payload's row stride and offset, several rows are copied out,
+    and a compiled pass guards on both. Tables are small; anything else is returned unchanged."""
+    if not isinstance(tensor, torch.Tensor) or (tensor.storage_offset() == 0 and tensor.stride() == _strides(tensor)):
+        return tensor
+    return tensor.clone(memory_format=torch.contiguous_format)
+
+
+def _strides(tensor: torch.Tensor) -> tuple[int, ...]:
+    """The strides of a contiguous tensor of this shape."""
+    strides, step = [], 1
+    for size in reversed(tensor.shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+def _mark_dynamic(args: tuple, dynamic_args: int) -> None:
+    """The first dimension of every tensor is its rows, and unbacked: the exchange encodes 1 row in
+    one call and several in the next, and a backed size would be specialized to 1 and compile again.
+    The other dimensions of the first `dynamic_args` tensors are dynamic; those of the later ones
+    (level tables) stay static, and so does a later 1-D tensor (a table shared by all rows)."""
+    for position, tensor in enumerate(args):
+        if not isinstance(tensor, torch.Tensor) or tensor.dim() == 0:
+            continue
+        if position < dynamic_args or tensor.dim() > 1:
+            torch._dynamo.decorators.mark_unbacked(tensor, 0)
+        if position < dynamic_args:
+            for dim in range(1, tensor.dim()):
+                torch._dynamo.maybe_mark_dynamic(tensor, dim)
+
+
+@contextlib.contextmanager
+def _one_compiler_per_machine() -> Iterator[None]:
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+    folder = Path(cache_dir())
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "horovod_truncq.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when the process dies
+        yield
+
+
 def _eager_cuda_numerics() -> dict[str, bool]:
     from torch._inductor import config
     known = config.get_config_copy()
@@ -76,6 +126,7 @@ class Kernel:
             self.options.update(realize_opcount_threshold=1000, realize_reads_threshold=64,
                                 realize_acc_reads_threshold=64)
         self._compiled: dict[tuple, Callable[..., Optional[torch.Tensor]]] = {}  # by device type and statics
+        self._called: set[tuple] = set()  # keys whose compiled pass has run in this process
 
     def _compile(self, device_type: str, static: dict) -> Callable[..., Optional[torch.Tensor]]:
         fn = self.fn
@@ -108,11 +159,15 @@ class Kernel:
             key = (args[0].device.type, *sorted(static.items()))
             if (self.fn.__name__, key) not in _failed:
                 compiled = self._compiled.get(key) or self._compiled.setdefault(key, self._compile(key[0], static))
-                for tensor in args[:self.dynamic_args]:
-                    for dim in range(tensor.dim()):
-                        torch._dynamo.maybe_mark_dynamic(tensor, dim)
+                args = (*args[:self.dynamic_args], *map(_own_table, args[self.dynamic_args:]))
+                _mark_dynamic(args, self.dynamic_args)
                 try:
-                    return compiled(*args)
+                    if key in self._called:
+                        return compiled(*args)
+                    with _one_compiler_per_machine():
+                        result = compiled(*args)
+                    self._called.add(key)
+                    return result
                 except COMPILER_ERRORS as error:
                     _failed.add((self.fn.__name__, key))
                     log.warning("horovod_truncq: torch.compile of %s on %s %s failed (%s: %s); this pass runs eagerly "

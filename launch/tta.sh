@@ -51,7 +51,9 @@ run() {
   [ -n "$bucket" ] && method+=(--bucket-size "$bucket")
   echo "==> [tta] $name ($(date +%H:%M:%S))"
   netns_shape "$rate"
-  netns_mpirun $((ranks / 2)) "$ranks" -x PYTHONPATH -x HOROVOD_TRUNCQ_COMPILE -- \
+  local forward=(-x PYTHONPATH -x HOROVOD_TRUNCQ_COMPILE)
+  [ -n "${TORCHINDUCTOR_CACHE_DIR:-}" ] && forward+=(-x TORCHINDUCTOR_CACHE_DIR)
+  netns_mpirun $((ranks / 2)) "$ranks" "${forward[@]}" -- \
     "$PY" "$ROOT/examples/tta.py" "${method[@]}" --seed "$seed" --label "$rate" --out "$OUT/$name.json" "$@" \
     > "$LOGS/$name.log" 2>&1 || true
   grep -E "^\[tta\].*(s for|quality)|rror|Traceback|signal" "$LOGS/$name.log" | tail -n 3 || true

@@ -1,5 +1,6 @@
 """The compiled passes (torch.compile, inductor's C++ on this machine) compute what the eager ones do,
 and a machine where compilation fails falls back to the eager path with a warning."""
+import contextlib
 import os
 import subprocess
 import sys
@@ -197,11 +198,15 @@ def test_an_error_that_is_not_the_compilers_propagates(monkeypatch):
     assert compiling.failed_passes() == []
 
 
-def test_tensor_sizes_do_not_recompile(monkeypatch):
+def test_tensor_sizes_and_row_counts_do_not_recompile(monkeypatch):
     """Every scheme's passes compile once per bit width for all tensor sizes (QSGD and NQSGD without
-    buckets too), and once more where the last packing block holds one column of 32 codes (dynamo
-    specialises a dimension of size 1): compilations counted by a backend that only counts."""
+    buckets too) and all numbers of rows (the exchange encodes 1 row in one call and several in the
+    next), and once more where the last packing block holds one column of 32 codes (dynamo
+    specialises a dimension of size 1): compilations counted by a backend that only counts. TBQSGD's
+    threshold search, a few operations on one small vector per row, compiles once per number of
+    rows; it runs eagerly here."""
     compiled = []
+    monkeypatch.setattr(kernels.biscaled_search_kernel, "min_elements", 1 << 62)
 
     def counting(graph, inputs):
         compiled.append(graph)
@@ -216,9 +221,37 @@ def test_tensor_sizes_do_not_recompile(monkeypatch):
             if isinstance(kernel, compiling.Kernel):
                 monkeypatch.setattr(kernel, "_compiled", {})
         counts = []
-        for numel in (NUMEL, 2 * NUMEL + 1, 3 * NUMEL + 100):  # last block: 1, 33 and 5 columns
-            rows = heavy_tailed(numel, 0).view(1, -1)
-            q.decode_sum(q.encode_rows(rows.expand(2, -1), key=(0, 1)), (numel,))
+        # last block: 1, 33, 5 and 18 columns
+        for rows, numel in ((2, NUMEL), (1, 2 * NUMEL + 1), (8, 3 * NUMEL + 100), (1, NUMEL + 545)):
+            payloads = q.encode_rows(heavy_tailed(numel, 0).view(1, -1).expand(rows, -1), key=(0, 1))
+            q.decode_sum(payloads, (numel,))
+            q.decode_rows(payloads, numel)
             counts.append(len(compiled))
-        assert 0 < counts[0] <= counts[1] == counts[2], (scheme.__name__, counts)
+        assert 0 < counts[0] <= counts[1] == counts[2] == counts[3], (scheme.__name__, counts)
         compiled.clear()
+
+
+PROBE_LOCK = "import fcntl, sys; fcntl.flock(open(sys.argv[1], 'w'), fcntl.LOCK_EX | fcntl.LOCK_NB)"
+
+
+def test_the_processes_of_a_machine_compile_one_at_a_time(monkeypatch):
+    """A pass's first compiled call holds a lock in inductor's cache folder that another process
+    cannot take meanwhile, and only the first call takes it."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+    monkeypatch.setenv(compiling.COMPILE_ENV, "1")
+    probe = [sys.executable, "-c", PROBE_LOCK, os.path.join(cache_dir(), "horovod_truncq.lock")]
+    taken, lock = [], compiling._one_compiler_per_machine
+
+    @contextlib.contextmanager
+    def probing():
+        with lock():
+            taken.append(subprocess.run(probe, capture_output=True, text=True))
+            yield
+
+    monkeypatch.setattr(compiling, "_one_compiler_per_machine", probing)
+    monkeypatch.setattr(kernels.abs_stats_kernel, "_compiled", {})
+    monkeypatch.setattr(kernels.abs_stats_kernel, "_called", set())
+    for rows in (2, 1):
+        kernels.abs_stats_kernel(NUMEL, heavy_tailed(rows * NUMEL, rows).view(rows, -1))
+    assert len(taken) == 1 and "BlockingIOError" in taken[0].stderr
+    assert subprocess.run(probe).returncode == 0  # released
