@@ -24,6 +24,7 @@ from typing import Callable, Iterator, Optional, Union
 
 import torch
 from torch._dynamo.exc import BackendCompilerFailed
+from torch._prims_common import make_contiguous_strides_for
 from torch._inductor.exc import CppCompileError, GPUTooOldForTriton, InvalidCxxCompiler, TritonMissing
 
 log = logging.getLogger("horovod_truncq")
@@ -61,18 +62,11 @@ def _own_table(tensor: object) -> object:
     """A table argument (levels, norms) in memory of its own, contiguous from offset 0: a table of one
     row sliced from a payload keeps the payload's row stride and offset, several rows are copied out,
     and a compiled pass guards on both. Tables are small; anything else is returned unchanged."""
-    if not isinstance(tensor, torch.Tensor) or (tensor.storage_offset() == 0 and tensor.stride() == _strides(tensor)):
+    if not isinstance(tensor, torch.Tensor):
+        return tensor
+    if tensor.storage_offset() == 0 and tensor.stride() == make_contiguous_strides_for(tensor.shape):
         return tensor
     return tensor.clone(memory_format=torch.contiguous_format)
-
-
-def _strides(tensor: torch.Tensor) -> tuple[int, ...]:
-    """The strides of a contiguous tensor of this shape."""
-    strides, step = [], 1
-    for size in reversed(tensor.shape):
-        strides.append(step)
-        step *= max(size, 1)
-    return tuple(reversed(strides))
 
 
 def _mark_dynamic(args: tuple, dynamic_args: int) -> None:

@@ -16,9 +16,10 @@
 # STEPS_TIMED (9, of which tta.py's first 3 are warm-up: compilation, PowerSGD's fp32 steps), OUT
 # (the JSON records: docs/tta/records, committed with the report they make), LOGS (runs/tta),
 # REPORT (docs/tta; empty: no report). Runs whose record exists in OUT are kept, so an interrupted
-# grid resumes where it stopped and a new configuration joins the report without rerunning the rest. A configuration is frontend/compressor:bits[:bucket_size]
-# with frontend hvd (Horovod) or ddp (torch DDP over Gloo): ddp/none:0 (fp32 allreduce), ddp/fp16:0,
-# ddp/bf16:0, ddp/powersgd:4 (rank 4), ddp/tnqsgd:3 (this library, node-aware), ddp/qsgd:2:512.
+# grid resumes where it stopped and a new configuration joins the report without rerunning the
+# rest. A configuration is frontend/compressor:bits[:bucket_size] with frontend hvd (Horovod) or
+# ddp (torch DDP over Gloo): ddp/none:0 (fp32 allreduce), ddp/fp16:0, ddp/bf16:0, ddp/powersgd:4
+# (rank 4), ddp/tnqsgd:3 (this library, node-aware), ddp/qsgd:2:512.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
