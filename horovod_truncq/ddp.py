@@ -110,9 +110,10 @@ class State:
         pending, self.pending = self.pending, []
         results = self.reducer.finish_all([flight for flight, _, _ in pending])
         for (flight, future, buffer), (values, present) in zip(pending, results):
+            divisors = self.group.size / present  # inf where no rank had a gradient: exact zeros there
             for slot, (offset, size) in enumerate(zip(flight.bucket.offsets(), flight.bucket.sizes)):
-                values[offset:offset + size].mul_(present[slot])  # exact zeros where no rank had a gradient
-            future.set_result(values.div_(self.group.size).to(buffer.dtype).view_as(buffer))
+                values[offset:offset + size].div_(divisors[slot])
+            future.set_result(values.to(buffer.dtype).view_as(buffer))
         self.run.step += 1
 
 
