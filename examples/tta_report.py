@@ -127,12 +127,15 @@ def tables(curves, times, checks) -> list[str]:
     return lines
 
 
-def plot(workload: str, curves, times, path: Path) -> None:
+def plot(workload: str, curves, times, path: Path) -> bool:
+    """Quality against training time on each link timed; False (nothing drawn) where none was."""
+    ranks = max(k[1] for k in curves if k[0] == workload)
+    rates = [r for r in RATE_ORDER if any(k[:3] == (r, workload, ranks) for k in times)]
+    if not rates:
+        return False
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    ranks = max(k[1] for k in curves if k[0] == workload)
-    rates = [r for r in RATE_ORDER if any(k[:3] == (r, workload, ranks) for k in times)]
     fig, axes = plt.subplots(1, len(rates), figsize=(6.5 * len(rates), 4.5), squeeze=False)
     for axis, rate in zip(axes[0], rates):
         for name in sorted(k[2] for k in curves if k[:2] == (workload, ranks)):
@@ -157,6 +160,7 @@ def plot(workload: str, curves, times, path: Path) -> None:
     fig.suptitle(TITLES[workload], fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    return True
 
 
 def main() -> None:
@@ -169,13 +173,13 @@ def main() -> None:
         raise SystemExit(f"no curve records in {args.records}")
     args.out.mkdir(parents=True, exist_ok=True)
     body = tables(curves, times, checks)
-    for workload in {k[0] for k in curves}:
-        plot(workload, curves, times, args.out / f"tta_{workload}.png")
+    plotted = [w for w in TITLES if any(k[0] == w for k in curves) and
+               plot(w, curves, times, args.out / f"tta_{w}.png")]
     page = ["# Time to accuracy on the emulated cluster: generated tables", "",
             "Produced by `bash launch/tta.sh` (its records are in [records/](records)), then", "",
             f"    .venv/bin/python examples/tta_report.py {args.records} --out {args.out}", "",
             *(__doc__.split("\n\n")[2:3]), "", *body,
-            *(f"![{TITLES[w]}](tta_{w}.png)" for w in TITLES if any(k[0] == w for k in curves)), ""]
+            *(f"![{TITLES[w]}](tta_{w}.png)" for w in plotted), ""]
     (args.out / "tables.md").write_text("\n".join(page))
     print("\n".join(body))
 
