@@ -22,8 +22,5 @@ def test_four_ranks_mpi():
 
 
 def test_mpi4py_communicator():
-    # Horovod 0.28.1 initialised on mpi4py's communicator (mpi4py 4.1.2, Open MPI 4.1) returns wrong
-    # results from its fused allreduce of small tensors, under its own DistributedOptimizer too
-    # (docs/install.md): tensor fusion off, as users of that set-up must run
-    output = run_ranks(2, [WORKER, "mpi4py", "average"], controller="mpirun", HOROVOD_FUSION_THRESHOLD="0")
+    output = run_ranks(2, [WORKER, "mpi4py", "average"], controller="mpirun")
     assert_ok(output, "average", 2)

@@ -38,6 +38,16 @@ def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(16, 48, generator=g), torch.randint(0, 8, (16,), generator=g)
 
 
+def local_gradients(net: torch.nn.Module, step: int) -> dict[str, torch.Tensor]:
+    """This rank's own gradients of `batch(step)`, from an undistributed copy of `net`: the optimizer's
+    backward hooks start in-place allreduces, so `p.grad` read after backward may already be averaged."""
+    twin = copy.deepcopy(net)
+    twin.zero_grad(set_to_none=True)
+    x, y = batch(step)
+    torch.nn.functional.cross_entropy(twin(x), y).backward()
+    return {n: p.grad for n, p in twin.named_parameters()}
+
+
 def sgd_step(opt, net, step) -> float:
     opt.zero_grad()
     x, y = batch(step)
@@ -85,10 +95,10 @@ def check_average() -> None:
             net = model()
             opt = optimizer(net, f"{exchange.name}.{op}.", compression=htq.TNQSGD(bits=8, seed=SEED),
                             exchange=exchange, op=op)
+            local = local_gradients(net, 0)
             opt.zero_grad()
             x, y = batch(0)
             torch.nn.functional.cross_entropy(net(x), y).backward()
-            local = {n: p.grad.clone() for n, p in net.named_parameters()}
             opt.synchronize()
             for n, p in net.named_parameters():
                 reference = hvd.allreduce(local[n], name=f"test.reference.{exchange.name}.{op}.{n}", op=op)
@@ -286,11 +296,11 @@ def check_join() -> None:
     opt = optimizer(net, min_elements=0)
     for index in range(3 if RANK == 0 else 2):
         if index == 2:
+            local = local_gradients(net, index)
+            before = {n: p.detach().clone() for n, p in net.named_parameters()}
             opt.zero_grad()
             x, y = batch(index)
             torch.nn.functional.cross_entropy(net(x), y).backward()
-            local = {n: p.grad.clone() for n, p in net.named_parameters()}
-            before = {n: p.detach().clone() for n, p in net.named_parameters()}
             opt.step()
             for n, p in net.named_parameters():
                 assert torch.equal(p.detach(), before[n].add_(local[n] / SIZE, alpha=-0.1)), n
