@@ -66,14 +66,27 @@ def summary(values: list[float], digits: int) -> str:
     return f"{statistics.mean(values):.{digits}f} ({min(values):.{digits}f} to {max(values):.{digits}f})"
 
 
-def time_to_target(workload, ranks, name, rate, curves, times) -> Optional[float]:
-    """Median over seeds of steps-to-target x step time on the link; None if a seed missed or no time run."""
+def time_to_target(workload, ranks, name, rate, curves, times) -> Optional[tuple[float, bool]]:
+    """(Median over seeds of steps to target x median step time on the link, whether a seed missed);
+    a seed that missed counts at the step budget, so the time is then a lower bound. None: no time run."""
     if (rate, workload, ranks, name) not in times:
         return None
-    steps = [steps_to_target(r, target(workload, ranks, r["seed"], curves)) for r in curves[(workload, ranks, name)]]
-    if not steps or None in steps:
-        return None
-    return statistics.median(steps) * step_seconds(times[(rate, workload, ranks, name)])
+    records = curves[(workload, ranks, name)]
+    steps = [steps_to_target(r, target(workload, ranks, r["seed"], curves)) for r in records]
+    counted = [r["steps"] if s is None else s for r, s in zip(records, steps)]
+    return statistics.median(counted) * step_seconds(times[(rate, workload, ranks, name)]), None in steps
+
+
+def speedup(base: Optional[tuple[float, bool]], ours: Optional[tuple[float, bool]]) -> str:
+    """base's time over ours; a bound ("> ", "< ") where one of them missed, "-" where both did."""
+    if base is None or ours is None or (base[1] and ours[1]):
+        return "-"
+    bound = "> " if base[1] else "< " if ours[1] else ""
+    return f"{bound}{base[0] / ours[0]:.2f}x"
+
+
+def seconds(tt: Optional[tuple[float, bool]]) -> str:
+    return "-" if tt is None else f"{'> ' if tt[1] else ''}{tt[0]:.0f}"
 
 
 def tables(curves, times, checks) -> list[str]:
@@ -87,12 +100,11 @@ def tables(curves, times, checks) -> list[str]:
             lines += [f"### {TITLES[workload]}, {ranks} ranks, {budget} steps", ""]
             for rate in rates:
                 tt = {n: time_to_target(workload, ranks, n, rate, curves, times) for n in names}
-                ratio = lambda base, n: (f"{tt[base] / tt[n]:.2f}x" if tt.get(base) and tt[n] else "-")  # noqa: E731
                 lines += [f"**{RATE_NAMES.get(rate, rate)}**", "",
                           "| configuration | seeds | step s | steps to target | time to target s | vs fp32 | vs fp16 | "
                           "vs PowerSGD r4 | final quality | received MB/rank/step (in-node too) | node rx MB/step |",
                           "|---|---|---|---|---|---|---|---|---|---|---|"]
-                for n in sorted(names, key=lambda n: (tt[n] is None, tt[n] or 0)):
+                for n in sorted(names, key=lambda n: (2, 0.0) if tt[n] is None else (int(tt[n][1]), tt[n][0])):
                     records = curves[(workload, ranks, n)]
                     timed = times.get((rate, workload, ranks, n))
                     reached = [steps_to_target(r, target(workload, ranks, r["seed"], curves)) for r in records]
@@ -103,8 +115,8 @@ def tables(curves, times, checks) -> list[str]:
                     lines.append(
                         f"| {n} | {len(records)} | {step_seconds(timed):.2f} | "
                         f"{', '.join('missed' if s is None else str(s) for s in reached)} | "
-                        f"{'-' if tt[n] is None else f'{tt[n]:.0f}'} | {ratio(f'fp32 ({base})', n)} | "
-                        f"{ratio(f'fp16 ({base})', n)} | {ratio(POWERSGD, n)} | "
+                        f"{seconds(tt[n])} | {speedup(tt.get(f'fp32 ({base})'), tt[n])} | "
+                        f"{speedup(tt.get(f'fp16 ({base})'), tt[n])} | {speedup(tt.get(POWERSGD), tt[n])} | "
                         f"{summary([r['evaluations'][-1]['quality'] for r in records], 4)} | "
                         f"{'-' if received is None else f'{received / 1e6:.2f}'} | "
                         f"{'-' if node_rx is None else f'{node_rx:.1f}'} |" if timed else f"| {n} | {len(records)} | "
@@ -123,7 +135,7 @@ def tables(curves, times, checks) -> list[str]:
         lines += [f"Check, {name}, {workload}, {ranks} ranks, {RATE_NAMES.get(rate, rate)}, trained end to end on the "
                   f"shaped link: target at step {measured} after {reached and f'{reached:.0f}'} s of training; "
                   f"composed from the unshaped curve and the short timed run: "
-                  f"{composed and f'{composed:.0f}'} s.", ""]
+                  f"{seconds(composed)} s.", ""]
     return lines
 
 

@@ -8,7 +8,7 @@
 # Needs root, iproute2 (ip, tc) and Open MPI; prints why and exits 2 otherwise.
 #
 #   bash launch/cluster.sh                     # the full grid (long: see docs/cluster.md)
-#   bash launch/cluster.sh --smoke             # 4 ranks, unshaped and 100 Mbit/s, fp32 and TNQSGD 3 bits
+#   bash launch/cluster.sh --smoke             # 4 ranks at 100 Mbit/s, fp32 and TNQSGD 3 bits
 #
 # Environment overrides: RATES (e.g. "100mbit 1gbit none"), RANKS ("4 8"), CONFIGS (see below),
 # STEPS, WARMUP, REPEAT (runs of each configuration), OUT (default runs/cluster), REPORT (a folder
@@ -35,7 +35,7 @@ REPEAT=${REPEAT:-1}
 OUT=${OUT:-$ROOT/runs/cluster}
 REPORT=${REPORT:-}
 if [ "${1:-}" = "--smoke" ]; then
-  RATES="none 100mbit"; RANKS="4"; CONFIGS="none:0:- tnqsgd:3:two-phase"; STEPS=2; WARMUP=1
+  RATES="100mbit"; RANKS="4"; CONFIGS="none:0:- tnqsgd:3:two-phase"; STEPS=2; WARMUP=1
 fi
 
 [ -x "$PY" ] || { echo "!! [cluster] no $PY: run launch/setup.sh first" >&2; exit 2; }

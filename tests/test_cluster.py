@@ -31,11 +31,12 @@ def test_smoke_run_records_and_tears_down(tmp_path):
                           timeout=1200)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     records = [json.loads(p.read_text()) for p in sorted((tmp_path / "runs").glob("*.json"))]
-    assert len(records) == 4  # fp32 and TNQSGD 3 bits, unshaped and at 100 Mbit/s
+    assert len(records) == 2  # fp32 and TNQSGD 3 bits at 100 Mbit/s
     for record in records:
         assert record["ranks"] == 4 and record["ranks_per_node"] == 2 and len(record["nodes"]) == 2
-        assert record["step_seconds"] > 0 and all(node["received"] > 0 for node in record["nodes"])
-    shaped = {r["compressor"]: r for r in records if r["label"] == "100mbit"}
+        assert record["label"] == "100mbit" and record["step_seconds"] > 0
+        assert all(node["received"] > 0 for node in record["nodes"])
+    shaped = {r["compressor"]: r for r in records}
     # what crossed the link: the quantized exchange moves far fewer bytes than fp32
     assert shaped["tnqsgd"]["nodes"][0]["received"] < shaped["none"]["nodes"][0]["received"] / 4
     assert (tmp_path / "docs" / "cluster_tables.md").exists()

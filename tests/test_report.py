@@ -73,7 +73,7 @@ def tta_record(kind, compressor, seed=0, label="none", qualities=(), times=(), w
 
 def test_tta_report_composes_steps_to_target_and_step_time(tmp_path):
     """Time to target = the first evaluation at or past the target x the median step time after the
-    warm-up on the link; a configuration that never reaches it says so."""
+    warm-up on the link; a configuration that never reaches it says so, and its time is a lower bound."""
     runs = tmp_path / "runs"
     runs.mkdir()
     tnqsgd = {"bits": 3, "exchange": "node-aware"}
@@ -92,9 +92,10 @@ def test_tta_report_composes_steps_to_target_and_step_time(tmp_path):
     subprocess.run([sys.executable, "examples/tta_report.py", str(runs), "--out", str(out)],
                    cwd=ROOT, check=True, capture_output=True)
     rows = [line for line in (out / "tables.md").read_text().splitlines() if line.startswith("| ") and "---" not in line]
+    # fp16 missed: its time is at least its 40-step budget x 2.0 s, so ratios against it are bounds
     assert rows[1:] == [
-        "| TNQSGD 3 bits, node-aware (DDP) | 1 | 1.00 | 30 | 30 | 2.67x | - | - | 0.8500 | 2.00 | 4.0 |",
-        "| fp32 (DDP) | 1 | 4.00 | 20 | 80 | 1.00x | - | - | 0.8500 | 2.00 | 4.0 |",
-        "| fp16 (DDP) | 1 | 2.00 | missed | - | - | - | - | 0.8300 | 2.00 | 4.0 |",
+        "| TNQSGD 3 bits, node-aware (DDP) | 1 | 1.00 | 30 | 30 | 2.67x | > 2.67x | - | 0.8500 | 2.00 | 4.0 |",
+        "| fp32 (DDP) | 1 | 4.00 | 20 | 80 | 1.00x | > 1.00x | - | 0.8500 | 2.00 | 4.0 |",
+        "| fp16 (DDP) | 1 | 2.00 | missed | > 80 | < 1.00x | - | - | 0.8300 | 2.00 | 4.0 |",
     ]
     assert (out / "tta_resnet.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
