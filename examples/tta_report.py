@@ -148,6 +148,7 @@ def plot(workload: str, curves, times, path: Path) -> bool:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     fig, axes = plt.subplots(1, len(rates), figsize=(6.5 * len(rates), 4.5), squeeze=False)
     for axis, rate in zip(axes[0], rates):
         for name in sorted(k[2] for k in curves if k[:2] == (workload, ranks)):
@@ -162,6 +163,7 @@ def plot(workload: str, curves, times, path: Path) -> bool:
         if goal is not None:
             axis.axhline(goal, color="grey", linewidth=0.8)
         axis.set_xscale("log")
+        axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # labelled minor ticks overlap
         axis.set_xlabel("training seconds (evaluation excluded)")
         axis.set_ylabel("test accuracy" if workload == "resnet" else "validation loss")
         if workload == "resnet":
