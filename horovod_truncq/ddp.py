@@ -129,8 +129,6 @@ def hook(state: State, bucket: dist.GradBucket) -> torch.futures.Future[torch.Te
     else:
         layout, flat = state.layout(bucket), buffer.reshape(-1).float()
         flight = state.reducer.start(layout, flat, state.reducer.presence(layout, flat))
-        if state.reducer.plan.node == 1:
-            state.reducer.advance(flight)  # nothing to sum inside a node: the scatter goes out now
         future = torch.futures.Future()
         state.pending.append((flight, future, buffer))
     if bucket.is_last():
