@@ -72,8 +72,9 @@ def _own_table(tensor: object) -> object:
 
 def _mark_dynamic(args: tuple, dynamic_args: int) -> None:
     """The first dimension of every tensor is its rows, and dynamic: the exchange encodes 1 row in
-    one call and several in the next (traced size-obliviously, so 1 is not specialised). The other dimensions of the first `dynamic_args` tensors are dynamic; those of the later ones
-    (level tables) stay static, and so does a later 1-D tensor (a table shared by all rows)."""
+    one call and several in the next (traced size-obliviously, so 1 is not specialised). The other
+    dimensions of the first `dynamic_args` tensors are dynamic; those of the later ones (level
+    tables) stay static, and so does a later 1-D tensor (a table shared by all rows)."""
     for position, tensor in enumerate(args):
         if not isinstance(tensor, torch.Tensor) or tensor.dim() == 0:
             continue
@@ -163,13 +164,13 @@ class Kernel:
                 args = (*args[:self.dynamic_args], *map(_own_table, args[self.dynamic_args:]))
                 _mark_dynamic(args, self.dynamic_args)
                 try:
-                    if key in self._called:
-                        with _size_oblivious():
+                    with _size_oblivious():
+                        if key in self._called:
                             return compiled(*args)
-                    with _one_compiler_per_machine(), _size_oblivious():
-                        result = compiled(*args)
-                    self._called.add(key)
-                    return result
+                        with _one_compiler_per_machine():
+                            result = compiled(*args)
+                        self._called.add(key)
+                        return result
                 except COMPILER_ERRORS as error:
                     _failed.add((self.fn.__name__, key))
                     log.warning("horovod_truncq: torch.compile of %s on %s %s failed (%s: %s); this pass runs eagerly "
