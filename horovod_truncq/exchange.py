@@ -161,7 +161,8 @@ class Transfers:
 
     def scatter(self, payloads: torch.Tensor, name: str) -> Handle:
         """payloads (M, k), chunk m for the peer on node m -> the M contributions to this rank's chunk."""
-        return self._send(payloads[self.plan.peers_by_rank], "scatter", name)
+        order = self.plan.peers_by_rank
+        return self._send(payloads if order == sorted(order) else payloads[order], "scatter", name)
 
     def gather(self, payload: torch.Tensor, name: str) -> Handle:
         """payload (1, k), this rank's reduced chunk -> the M peers' reduced chunks, in node order."""

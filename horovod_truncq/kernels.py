@@ -252,11 +252,19 @@ def _level_values(codes: torch.Tensor, levels: torch.Tensor, grid: str) -> torch
     return grid_values(codes, levels) if grid == "uniform" else _lookup(codes, levels)
 
 
+def _flat(values: torch.Tensor) -> torch.Tensor:
+    """(rows, n) values as one flat tensor. A compiled pass traces its rows size-obliviously, so it
+    cannot prove that a (rows, n) result's row stride n equals the max(1, n) of contiguous strides,
+    and would copy the whole result once more to return it; a flat result has stride 1 either way."""
+    return values.view(-1)
+
+
 def dequantize_levels(words: torch.Tensor, levels: torch.Tensor, bits: int, grid: str = "table") -> torch.Tensor:
     """float32 levels[row][code] for every code of each row of packed words (rows, b m), levels
-    (rows, L): (rows, 32 m) in code order, padding codes included. `grid` "uniform": levels made by
-    levels.uniform_levels, computed by `grid_values` instead of looked up."""
-    return map_blocks(words, bits, lambda codes, first: _level_values(codes, levels, grid))
+    (rows, L): the rows one after another, each in code order, padding codes included, as one flat
+    (rows * 32 m,) tensor (see `_flat`). `grid` "uniform": levels made by levels.uniform_levels,
+    computed by `grid_values` instead of looked up."""
+    return _flat(map_blocks(words, bits, lambda codes, first: _level_values(codes, levels, grid)))
 
 
 def sum_levels(words: torch.Tensor, levels: torch.Tensor, bits: int, grid: str = "table") -> torch.Tensor:
@@ -302,9 +310,9 @@ def _scaled(codes: torch.Tensor, first: torch.Tensor, norms: torch.Tensor, magni
 def dequantize_scaled(words: torch.Tensor, norms: torch.Tensor, magnitudes: torch.Tensor, bucket: int,
                       bits: int, grid: str = "table") -> torch.Tensor:
     """float32 ±magnitudes[code] * norm of the code's bucket for each row of packed words (rows, b m),
-    norms (rows, buckets): (rows, 32 m) in code order; padding codes have zero magnitude."""
-    return map_blocks(words, bits,
-                      lambda codes, first: _scaled(codes, first, norms, magnitudes, bucket, bits, grid))
+    norms (rows, buckets): flat (rows * 32 m,), as `dequantize_levels`; padding codes have zero magnitude."""
+    return _flat(map_blocks(words, bits,
+                            lambda codes, first: _scaled(codes, first, norms, magnitudes, bucket, bits, grid)))
 
 
 def sum_scaled(words: torch.Tensor, norms: torch.Tensor, magnitudes: torch.Tensor, bucket: int,
