@@ -5,11 +5,14 @@
     model.register_comm_hook(state, htq.ddp.hook)
 
 DDP hands the hook each gradient bucket as it becomes ready during the backward pass, in the same
-order on every rank. The hook starts the bucket's first collective at once (the node sum, or the
-scatter of quantized chunks), so it overlaps the rest of the backward pass. torch.distributed pairs
-collectives by the order they are issued, not by name, so the later stages of all buckets run in
-one fixed order: when DDP hands over its last bucket, that hook runs them bucket by bucket and
-completes every bucket's future. Buckets smaller than `min_elements` take DDP's plain fp32 allreduce.
+order on every rank. The hook passes it to a thread of this step, which exchanges the buckets one
+after the other, each as soon as DDP hands it over: a bucket's exchange overlaps the backward pass
+of the layers before it. torch.distributed pairs collectives by the order they are issued, not by
+name, so one thread issues them all, in bucket order on every rank; the hook of the last bucket
+waits for that thread, so that no collective of the step is issued after it returns (DDP's own
+collectives come next). Buckets smaller than `min_elements` take the plain fp32 allreduce.
+An error in a bucket's exchange fails its future and those of the step's later buckets: DDP raises
+it from backward().
 
 DDP does not tell which gradients were computed: a tensor that is zero on every rank (an unused
 parameter under find_unused_parameters=True) is the one that comes back exactly zero, at the price
@@ -32,20 +35,32 @@ DDP's allreduce, against 1.4% with a bucket per layer (`bucket_cap_mb`).
 """
 
 # No `from __future__ import annotations`: DDP checks the hook's annotations as objects.
-from typing import Optional, Union
+import queue
+import threading
+from typing import NamedTuple, Optional, Union
 
 import torch
 import torch.distributed as dist
 
 from .exchange import TwoPhaseExchange, make_exchange
 from .quantizers import Quantizer
-from .reducer import Bucket, Flight, Reducer
+from .reducer import Bucket, Reducer
 from .state import State as RunState
 from .state import agree, front_end_options
 from .torch_group import TorchGroup
 from .traffic import TrafficCounter, ring_allreduce_bytes
 
 DEFAULT_MIN_ELEMENTS = 1024
+
+
+class _Job(NamedTuple):
+    """One of DDP's buckets, as the hook hands it to the step's thread."""
+
+    index: int
+    sizes: tuple[int, ...]
+    buffer: torch.Tensor
+    last: bool
+    future: torch.futures.Future
 
 
 class State:
@@ -77,7 +92,8 @@ class State:
         agree(self.group, settings)
         self.reducer = Reducer(quantizer, exchange, self.group, self.run)
         self.layouts: dict[int, Bucket] = {}
-        self.pending: list[tuple[Flight, torch.futures.Future, torch.Tensor]] = []
+        self._jobs: "queue.Queue[_Job]" = queue.Queue()
+        self._thread: Optional[threading.Thread] = None
 
     @property
     def traffic(self) -> TrafficCounter:
@@ -90,10 +106,35 @@ class State:
     def load_state_dict(self, state: dict) -> None:
         self.run.load_state_dict(state)
 
-    def layout(self, bucket: dist.GradBucket) -> Bucket:
+    def submit(self, job: _Job) -> None:
+        """Hand a bucket to the step's thread (started with the step's first bucket); after the last
+        one, wait for that thread: every future of the step is then complete."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._serve, name="horovod_truncq.ddp", daemon=True)
+            self._thread.start()
+        self._jobs.put(job)
+        if job.last:
+            self._thread.join()
+            self._thread = None
+            self.run.step += 1
+
+    def _serve(self) -> None:
+        """The step's thread: each bucket's exchange in the order DDP hands them over."""
+        error: Optional[Exception] = None
+        while True:
+            job = self._jobs.get()
+            if error is None:
+                try:
+                    job.future.set_result(self._reduce(job))
+                except Exception as failure:  # raised to DDP through the futures, by backward()
+                    error = failure
+            if error is not None:
+                job.future.set_exception(error)
+            if job.last:
+                return
+
+    def _layout(self, index: int, sizes: tuple[int, ...]) -> Bucket:
         """Our layout of DDP's bucket; a new one, with its residuals dropped, where DDP rebuilt it."""
-        index = bucket.index()
-        sizes = tuple(p.numel() for p in bucket.parameters())
         layout = self.layouts.get(index)
         if layout is None or layout.sizes != sizes:
             rebuilt = layout is not None
@@ -104,33 +145,25 @@ class State:
             self.layouts[index] = layout
         return layout
 
-    def finish_step(self) -> None:
-        """Run the remaining stages of every bucket, one stage of all before the next, and complete
-        their futures with the average over ranks."""
-        pending, self.pending = self.pending, []
-        results = self.reducer.finish_all([flight for flight, _, _ in pending])
-        for (flight, future, buffer), (values, present) in zip(pending, results):
-            divisors = self.group.size / present  # inf where no rank had a gradient: exact zeros there
-            for slot, (offset, size) in enumerate(zip(flight.bucket.offsets(), flight.bucket.sizes)):
-                values[offset:offset + size].div_(divisors[slot])
-            future.set_result(values.to(buffer.dtype).view_as(buffer))
-        self.run.step += 1
+    def _reduce(self, job: _Job) -> torch.Tensor:
+        """The bucket's average over ranks."""
+        buffer, ranks = job.buffer, self.group.size
+        self.traffic.add_gradient(buffer.numel(), ranks)
+        if buffer.numel() < self.min_elements or not buffer.is_floating_point():
+            self.traffic.add_transfer(ring_allreduce_bytes(4 * buffer.numel(), ranks))
+            dist.all_reduce(buffer.div_(ranks), group=self.group.process_group)
+            return buffer
+        layout, flat = self._layout(job.index, job.sizes), buffer.reshape(-1).float()
+        values, present = self.reducer.finish(self.reducer.start(layout, flat, self.reducer.presence(layout, flat)))
+        divisors = ranks / present  # inf where no rank had a gradient: exact zeros there
+        for slot, (offset, size) in enumerate(zip(layout.offsets(), layout.sizes)):
+            values[offset:offset + size].div_(divisors[slot])
+        return values.to(buffer.dtype).view_as(buffer)
 
 
 def hook(state: State, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """DDP communication hook: the bucket's average over ranks, through the quantized exchange."""
-    buffer = bucket.buffer()
-    ranks = state.group.size
-    state.traffic.add_gradient(buffer.numel(), ranks)
-    if buffer.numel() < state.min_elements or not buffer.is_floating_point():
-        state.traffic.add_transfer(ring_allreduce_bytes(4 * buffer.numel(), ranks))
-        work = dist.all_reduce(buffer.div_(ranks), group=state.group.process_group, async_op=True)
-        future = work.get_future().then(lambda done: done.value()[0])
-    else:
-        layout, flat = state.layout(bucket), buffer.reshape(-1).float()
-        flight = state.reducer.start(layout, flat, state.reducer.presence(layout, flat))
-        future = torch.futures.Future()
-        state.pending.append((flight, future, buffer))
-    if bucket.is_last():
-        state.finish_step()
+    future: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+    sizes = tuple(p.numel() for p in bucket.parameters())
+    state.submit(_Job(bucket.index(), sizes, bucket.buffer(), bucket.is_last(), future))
     return future

@@ -7,7 +7,7 @@ pytestmark = pytest.mark.multirank
 
 
 def test_ddp_hook_four_ranks():
-    checks = ["replicas", "close", "inprocess", "rebuild", "mismatch", "resume"]
+    checks = ["replicas", "close", "inprocess", "rebuild", "mismatch", "resume", "unused", "failure"]
     output = run_command([str(BIN / "torchrun"), "--nproc_per_node", "4", "--master_port", "29541",
                           "tests/workers/ddp_worker.py", *checks], timeout=300)
     for check in checks:

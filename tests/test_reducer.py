@@ -120,6 +120,16 @@ def test_a_tensor_no_rank_computed_comes_back_zero():
         assert results[0]["head"].abs().sum() > 0
 
 
+def test_presence_flags_each_tensor_holding_a_non_zero():
+    """What the DDP hook sends for tensors it cannot tell computed: NaN, Inf and either sign count,
+    zeros (of either sign) and empty tensors do not."""
+    reducer = Reducer(htq.TNQSGD(bits=3), htq.TwoPhaseExchange(), ThreadWorld(1).group(0), State("test", SEED, 0))
+    values = [[0.0, 0.0], [0.0, -2.0], [], [float("nan"), 0.0], [-0.0, 0.0], [float("-inf")], [0.0, 3.0, 0.0]]
+    bucket = plan_buckets([(str(i), len(v)) for i, v in enumerate(values)], 1 << 20)[0]
+    flat = torch.tensor([x for v in values for x in v] + [5.0] * 4)  # padding after the bucket is ignored
+    assert reducer.presence(bucket, flat).tolist() == [0, 1, 0, 1, 0, 1, 1]
+
+
 def test_nan_makes_its_whole_bucket_nan_on_every_rank():
     def job(group):
         state = State("test", SEED, group.rank)

@@ -169,6 +169,47 @@ def check_rebuild() -> None:
     print(f"OK rebuild {RANK}", flush=True)
 
 
+def check_unused() -> None:
+    """find_unused_parameters=True: DDP allreduces its map of used parameters after handing over the
+    last bucket, on the same process group; the hook's collectives all come before it, so several
+    steps run without a mismatch, the replicas stay identical and the unused head's gradient is
+    exactly zero."""
+    class TwoHeads(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body, self.used, self.unused = model(), torch.nn.Linear(10, 10), torch.nn.Linear(10, 10)
+
+        def forward(self, x):
+            return self.used(self.body(x))
+
+    torch.manual_seed(0)
+    state = htq.ddp.State(htq.TNQSGD(bits=3, seed=SEED), min_elements=500)
+    ddp = wrapped(TwoHeads(), state, find_unused_parameters=True)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    for index in range(4):
+        step(ddp, opt, index)
+        assert all(p.grad is None or not p.grad.any() for p in ddp.module.unused.parameters())
+    assert same_everywhere(flat_parameters(ddp.module))
+    print(f"OK unused {RANK}", flush=True)
+
+
+def check_failure() -> None:
+    """An error in a bucket's exchange fails its future and those of the step's later buckets, with
+    the same error; the next step runs afresh."""
+    state = htq.ddp.State(htq.TNQSGD(bits=3, seed=SEED), min_elements=500)
+    broken = FakeBucket(0, [torch.ones(100, dtype=torch.int64)], last=False)  # an integer buffer cannot be averaged
+    futures = [htq.ddp.hook(state, broken), htq.ddp.hook(state, FakeBucket(1, [torch.randn(4096)], last=True))]
+    for future in futures:
+        try:
+            future.wait()
+        except RuntimeError as error:
+            assert "Long" in str(error), error
+        else:
+            raise AssertionError("a failed bucket completed")
+    assert htq.ddp.hook(state, FakeBucket(1, [torch.randn(4096)], last=True)).wait().shape == (4096,)
+    print(f"OK failure {RANK}", flush=True)
+
+
 def check_mismatch() -> None:
     """Ranks that disagree on a setting raise the same ValueError, each of them, at construction."""
     for options in (dict(quantizer=htq.TNQSGD(bits=3 + RANK % 2)), dict(quantizer=htq.TNQSGD(bits=3),
@@ -214,7 +255,7 @@ def check_resume() -> None:
 
 
 CHECKS = {"replicas": check_replicas, "close": check_close, "inprocess": check_inprocess, "rebuild": check_rebuild,
-          "mismatch": check_mismatch, "resume": check_resume}
+          "mismatch": check_mismatch, "resume": check_resume, "unused": check_unused, "failure": check_failure}
 for check in sys.argv[1:]:
     CHECKS[check]()
 dist.destroy_process_group()
