@@ -35,6 +35,7 @@ DDP's allreduce, against 1.4% with a bucket per layer (`bucket_cap_mb`).
 """
 
 # No `from __future__ import annotations`: DDP checks the hook's annotations as objects.
+import contextlib
 import queue
 import threading
 from typing import NamedTuple, Optional, Union
@@ -61,6 +62,7 @@ class _Job(NamedTuple):
     buffer: torch.Tensor
     last: bool
     future: torch.futures.Future
+    stream: Optional["torch.cuda.Stream"]  # on CUDA, the backward pass's stream: the exchange runs on it
 
 
 class State:
@@ -125,7 +127,8 @@ class State:
             job = self._jobs.get()
             if error is None:
                 try:
-                    job.future.set_result(self._reduce(job))
+                    with torch.cuda.stream(job.stream) if job.stream is not None else contextlib.nullcontext():
+                        job.future.set_result(self._reduce(job))
                 except Exception as failure:  # raised to DDP through the futures, by backward()
                     error = failure
             if error is not None:
@@ -165,5 +168,7 @@ def hook(state: State, bucket: dist.GradBucket) -> torch.futures.Future[torch.Te
     """DDP communication hook: the bucket's average over ranks, through the quantized exchange."""
     future: torch.futures.Future[torch.Tensor] = torch.futures.Future()
     sizes = tuple(p.numel() for p in bucket.parameters())
-    state.submit(_Job(bucket.index(), sizes, bucket.buffer(), bucket.is_last(), future))
+    buffer = bucket.buffer()
+    stream = torch.cuda.current_stream(buffer.device) if buffer.is_cuda else None
+    state.submit(_Job(bucket.index(), sizes, buffer, bucket.is_last(), future, stream))
     return future
