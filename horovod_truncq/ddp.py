@@ -5,12 +5,14 @@
     model.register_comm_hook(state, htq.ddp.hook)
 
 DDP hands the hook each gradient bucket as it becomes ready during the backward pass, in the same
-order on every rank. The hook passes it to a thread of this step, which exchanges the buckets one
-after the other, each as soon as DDP hands it over: a bucket's exchange overlaps the backward pass
-of the layers before it. torch.distributed pairs collectives by the order they are issued, not by
-name, so one thread issues them all, in bucket order on every rank; the hook of the last bucket
-waits for that thread, so that no collective of the step is issued after it returns (DDP's own
-collectives come next). Buckets smaller than `min_elements` take the plain fp32 allreduce.
+order on every rank. The hook passes it to a thread of this step, which starts each bucket as soon
+as DDP hands it over and takes it as far as its gather (the last transfer between nodes) before
+taking the next: a bucket's transfers overlap the backward pass of the layers before it and the
+next bucket's encoding. The decoding of every bucket waits for the last one, when the backward pass
+has nothing left to overlap. torch.distributed pairs collectives by the order they are issued, not
+by name, so one thread issues them all, in an order that depends on the buckets alone, the same on
+every rank; the hook of the last bucket waits for that thread, so that no collective of the step is
+issued after it returns (DDP's own collectives come next). Buckets smaller than `min_elements` take the plain fp32 allreduce.
 An error in a bucket's exchange fails its future and those of the step's later buckets: DDP raises
 it from backward().
 
@@ -45,7 +47,7 @@ import torch.distributed as dist
 
 from .exchange import TwoPhaseExchange, make_exchange
 from .quantizers import Quantizer
-from .reducer import Bucket, Reducer
+from .reducer import GATHERING, Bucket, Flight, Reducer
 from .state import State as RunState
 from .state import agree, front_end_options
 from .torch_group import TorchGroup
@@ -121,18 +123,31 @@ class State:
             self.run.step += 1
 
     def _serve(self) -> None:
-        """The step's thread: each bucket's exchange in the order DDP hands them over."""
+        """The step's thread. Each bucket starts when DDP hands it over and advances until its gather
+        (the last transfer between nodes) is under way; the thread then takes the next bucket, so
+        that one bucket's transfers run beside the next one's encoding and the backward pass. After
+        the last bucket, every bucket's remaining stages run together (Reducer.advance_all)."""
+        flights: list[tuple[_Job, Flight]] = []
         error: Optional[Exception] = None
         while True:
             job = self._jobs.get()
             if error is None:
                 try:
                     with torch.cuda.stream(job.stream) if job.stream is not None else contextlib.nullcontext():
-                        job.future.set_result(self._reduce(job))
+                        flight = self._start(job)
+                        if flight is not None:
+                            flights.append((job, flight))
+                        if job.last:
+                            for (started, _), result in zip(flights, self.reducer.finish_all([f for _, f in flights])):
+                                started.future.set_result(self._average(started, *result))
+                        else:
+                            self.reducer.advance_all([f for _, f in flights], GATHERING)
                 except Exception as failure:  # raised to DDP through the futures, by backward()
                     error = failure
             if error is not None:
-                job.future.set_exception(error)
+                for started in [started for started, _ in flights] + [job]:
+                    if not started.future.done():
+                        started.future.set_exception(error)
             if job.last:
                 return
 
@@ -148,20 +163,26 @@ class State:
             self.layouts[index] = layout
         return layout
 
-    def _reduce(self, job: _Job) -> torch.Tensor:
-        """The bucket's average over ranks."""
+    def _start(self, job: _Job) -> Optional[Flight]:
+        """The bucket's exchange under way; None where it took the plain fp32 allreduce (done, its
+        future completed)."""
         buffer, ranks = job.buffer, self.group.size
         self.traffic.add_gradient(buffer.numel(), ranks)
         if buffer.numel() < self.min_elements or not buffer.is_floating_point():
             self.traffic.add_transfer(ring_allreduce_bytes(4 * buffer.numel(), ranks))
             dist.all_reduce(buffer.div_(ranks), group=self.group.process_group)
-            return buffer
+            job.future.set_result(buffer)
+            return None
         layout, flat = self._layout(job.index, job.sizes), buffer.reshape(-1).float()
-        values, present = self.reducer.finish(self.reducer.start(layout, flat, self.reducer.presence(layout, flat)))
-        divisors = ranks / present  # inf where no rank had a gradient: exact zeros there
+        return self.reducer.start(layout, flat, self.reducer.presence(layout, flat))
+
+    def _average(self, job: _Job, values: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """The bucket's average over ranks from its sum."""
+        layout = self.layouts[job.index]
+        divisors = self.group.size / present  # inf where no rank had a gradient: exact zeros there
         for slot, (offset, size) in enumerate(zip(layout.offsets(), layout.sizes)):
             values[offset:offset + size].div_(divisors[slot])
-        return values.to(buffer.dtype).view_as(buffer)
+        return values.to(job.buffer.dtype).view_as(job.buffer)
 
 
 def hook(state: State, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:

@@ -29,6 +29,7 @@ from .quantizers import Quantizer
 from .state import State
 
 STAGES = 5
+GATHERING = 3  # the stage a flight is at once its gather, the last step over the slow link, is under way
 
 
 @dataclass(frozen=True)
@@ -183,13 +184,17 @@ class Reducer:
         flight.present = received[:, size:size + len(bucket.sizes)].amax(dim=0).float()
         return Done(values.view(-1)[:bucket.numel])
 
-    def finish_all(self, flights: list[Flight]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """`finish` for several buckets, one stage of all before the next: every rank issues the
-        collectives in the same order, each as early as it can."""
-        while any(flight.stage < STAGES for flight in flights):
+    def advance_all(self, flights: list[Flight], until: int = STAGES) -> None:
+        """Advance several buckets to stage `until`, one stage of all before the next: every rank
+        issues the collectives in the same order, each as early as it can."""
+        while any(flight.stage < until for flight in flights):
             for flight in flights:
-                if flight.stage < STAGES:
+                if flight.stage < until:
                     self.advance(flight)
+
+    def finish_all(self, flights: list[Flight]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """`finish` for several buckets, advanced together (advance_all)."""
+        self.advance_all(flights)
         return [self.finish(flight) for flight in flights]
 
     def finish(self, flight: Flight) -> tuple[torch.Tensor, torch.Tensor]:
