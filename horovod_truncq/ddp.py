@@ -12,7 +12,8 @@ next bucket's encoding. The decoding of every bucket waits for the last one, whe
 has nothing left to overlap. torch.distributed pairs collectives by the order they are issued, not
 by name, so one thread issues them all, in an order that depends on the buckets alone, the same on
 every rank; the hook of the last bucket waits for that thread, so that no collective of the step is
-issued after it returns (DDP's own collectives come next). Buckets smaller than `min_elements` take the plain fp32 allreduce.
+issued after it returns (DDP's own collectives come next). Buckets smaller than `min_elements` take
+the plain fp32 allreduce.
 An error in a bucket's exchange fails its future and those of the step's later buckets: DDP raises
 it from backward().
 
@@ -138,10 +139,11 @@ class State:
                         if flight is not None:
                             flights.append((job, flight))
                         if job.last:
-                            for (started, _), result in zip(flights, self.reducer.finish_all([f for _, f in flights])):
-                                started.future.set_result(self._average(started, *result))
+                            results = self.reducer.finish_all([flight for _, flight in flights])
+                            for (started, _), (values, present) in zip(flights, results):
+                                started.future.set_result(self._average(started, values, present))
                         else:
-                            self.reducer.advance_all([f for _, f in flights], GATHERING)
+                            self.reducer.advance_all([flight for _, flight in flights], GATHERING)
                 except Exception as failure:  # raised to DDP through the futures, by backward()
                     error = failure
             if error is not None:

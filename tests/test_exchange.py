@@ -15,7 +15,7 @@ def test_two_ranks_gloo():
 
 
 def test_four_ranks_mpi():
-    checks = ["average", "resume", "bytes"]
+    checks = ["average", "resume", "bytes", "join"]
     output = run_ranks(4, [WORKER, *checks], controller="mpi", timeout=600)
     for check in checks:
         assert_ok(output, check, 4)

@@ -222,3 +222,75 @@ def test_bad_exchange_settings_are_refused():
             make()
     with pytest.raises(ValueError, match="does not divide"):
         htq.NodeAwareExchange(ranks_per_node=3).nodes_of(ThreadWorld(4).group(0))
+
+
+class _Logged:
+    """A group that logs when each collective is issued and waited for."""
+
+    def __init__(self, group, log: list) -> None:
+        self.group, self.log = group, log
+        self.rank, self.size, self.nodes = group.rank, group.size, group.nodes
+
+    def _logged(self, name: str, handle):
+        self.log.append(("issue", name))
+        wait = handle.wait
+
+        def logged_wait():
+            result = wait()
+            self.log.append(("wait", name))
+            return result
+        handle.wait = logged_wait
+        return handle
+
+    def alltoall(self, rows, splits, name):
+        return self._logged(name, self.group.alltoall(rows, splits, name))
+
+    def allgather(self, tensor, name):
+        return self._logged(name, self.group.allgather(tensor, name))
+
+    def allreduce(self, tensor, name):
+        return self._logged(name, self.group.allreduce(tensor, name))
+
+
+def test_the_count_of_ranks_runs_alone_and_a_joined_rank_counts_as_zeros():
+    """With `joinable` (hvd.join), the step's count of ranks is waited for before any other collective
+    of the step starts: the small allreduce held back by after_count, then the bucket. In a step where
+    rank 1 has joined (it answers allreduces with zeros, as Horovod does), rank 0 gets its own
+    gradients back, through the fp32 allreduce."""
+    gradient = torch.randn(2000, generator=torch.Generator().manual_seed(3))
+
+    def job(group):
+        if group.rank == 1:  # trains one step, then joins
+            state = State("test", SEED, 1)
+            staging = TensorBuckets(Reducer(htq.TNQSGD(bits=3), htq.TwoPhaseExchange(), group, state),
+                                    plan_buckets([("a", 2000)], 4 * 6000), state, joinable=True)
+            staging.start_count()
+            small = staging.after_count(lambda: group.allreduce(torch.ones(3), "small").wait)
+            staging.submit("a", gradient)()
+            small()
+            joined = {"truncq.active": torch.zeros(1, dtype=torch.int32), "small": torch.zeros(3),
+                      "truncq.joined.0.a": torch.zeros(2000)}
+            for name, zeros in joined.items():
+                group.allreduce(zeros, name).wait()
+            return None
+        log: list = []
+        logged = _Logged(group, log)
+        state = State("test", SEED, 0)
+        staging = TensorBuckets(Reducer(htq.TNQSGD(bits=3), htq.TwoPhaseExchange(), logged, state),
+                                plan_buckets([("a", 2000)], 4 * 6000), state, joinable=True)
+        results = []
+        for _ in range(2):
+            log.clear()
+            staging.start_count()
+            small = staging.after_count(lambda: logged.allreduce(torch.ones(3), "small").wait)
+            waiter = staging.submit("a", gradient)
+            results.append((small(), waiter(), list(log)))
+        return results
+
+    (trained, joined) = run_ranks(ThreadWorld(2), job)[0]
+    for small, _, log in (trained, joined):
+        assert log[:3] == [("issue", "truncq.active"), ("wait", "truncq.active"), ("issue", "small")], log
+    assert torch.equal(trained[0], torch.full((3,), 2.0))
+    assert [name for kind, name in trained[2] if kind == "issue"][2:] == ["truncq.0.a.scatter", "truncq.0.a.gather"]
+    assert torch.equal(joined[0], torch.ones(3)) and torch.equal(joined[1], gradient)
+    assert ("issue", "truncq.joined.0.a") in joined[2]

@@ -291,9 +291,10 @@ def check_resume() -> None:
 def check_join() -> None:
     """Ranks that run different numbers of steps (hvd.join, Horovod's way to train on uneven data):
     while a rank has joined, the others go on with it counted as zeros, as Horovod's own optimizer
-    does: rank 0's last step moves its parameters by exactly its own gradient over the ranks."""
+    does: rank 0's last step moves its parameters by exactly its own gradient over the ranks, the
+    quantized weights and the biases that take Horovod's allreduce after the count of ranks alike."""
     net = model()
-    opt = optimizer(net, min_elements=0)
+    opt = optimizer(net)
     for index in range(3 if RANK == 0 else 2):
         if index == 2:
             local = local_gradients(net, index)
