@@ -130,18 +130,12 @@ class _QuantizedOptimizer(_DistributedOptimizer):
         return self._truncq.traffic if self._truncq is not None else None
 
     def _allreduce_grad_async(self, p):
-        buckets = self._truncq.buckets
-        buckets.start_count()
+        self._truncq.buckets.count_ranks()
         name = self._parameter_names.get(p)
         if name not in self._truncq.carries:
             if p.grad is not None and p.grad.is_floating_point():
                 self._truncq.count_unquantized(p.grad)
-
-            def issue() -> Waiter:  # Horovod's own allreduce, once the step's count of ranks is in
-                handle, ctx = _DistributedOptimizer._allreduce_grad_async(self, p)
-                wait = handle if callable(handle) else lambda: hvd.synchronize(handle)  # sparse: a callable
-                return lambda: self._compression.decompress(wait(), ctx)
-            return buckets.after_count(issue), None
+            return _DistributedOptimizer._allreduce_grad_async(self, p)
         computed = p not in self._truncq_missing
         if p.grad is None:  # as Horovod: another rank may have computed it
             p.grad = p.data.new(p.size()).zero_()

@@ -6,13 +6,10 @@ fills, then runs the remaining stages bucket by bucket, in the same order on eve
 ends when every gradient submitted has been taken; the state's step counter then moves on.
 
 With `joinable` (Horovod, whose `hvd.join()` lets ranks run different numbers of steps), each step
-counts the ranks still training with a one-element allreduce, in which a joined rank takes part with
-a zero, started at the step's first gradient and waited for when the first bucket goes out. The
-quantized exchange needs every rank (Horovod runs no alltoall while a rank has joined), so a step
-with a joined rank sends its buckets through an fp32 allreduce instead, as Horovod's own optimizer
-does: the joined ranks count as zeros. The count runs alone: the front end's other allreduces of
-the step start once it is in (`after_count`), for Horovod corrupted the gradients of allreduces
-that ran beside it (seen with its MPI controller).
+first counts the ranks still training with a one-element allreduce, in which a joined rank takes part
+with a zero. The quantized exchange needs every rank (Horovod runs no alltoall while a rank has
+joined), so a step with a joined rank sends its buckets through an fp32 allreduce instead, as
+Horovod's own optimizer does: the joined ranks count as zeros.
 """
 from __future__ import annotations
 
@@ -52,8 +49,6 @@ class TensorBuckets:
         self._flights: dict[int, Flight] = {}
         self._fallbacks: dict[int, Handle] = {}  # fp32 allreduces of a step with a joined rank
         self._active: Optional[bool] = None  # with `joinable`: whether every rank trains this step
-        self._count: Optional[Handle] = None  # the count of ranks training, under way
-        self._deferred: list[list] = []  # collectives that start once the count is in (after_count)
         self._results: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._missing: set[str] = set()
         self._outstanding = 0
@@ -105,46 +100,19 @@ class TensorBuckets:
                 self._flags[key] = present
         return present
 
-    def start_count(self) -> None:
-        """With `joinable`, once per step, before this rank starts any collective of the step (the
-        front end calls it first thing in each per-gradient step): start counting the ranks still
-        training."""
-        if self.joinable and self._active is None and self._count is None:
-            self._count = self.reducer.group.allreduce(torch.ones(1, dtype=torch.int32), "truncq.active")
-
     def count_ranks(self) -> None:
-        """start_count, and wait for the count (for front ends that cannot hold back their other
-        allreduces until it is in)."""
-        self.start_count()
-        self._take_count()
-
-    def after_count(self, issue: Callable[[], Waiter]) -> Waiter:
-        """Run `issue`, which starts a collective and returns its waiter, once the step's count is
-        in: now, or when the count is waited for (the first bucket out, or this waiter)."""
-        if self._count is None:
-            return issue()
-        deferred: list = [issue]  # becomes [waiter] once issued
-        self._deferred.append(deferred)
-
-        def wait() -> torch.Tensor:
-            self._take_count()
-            return deferred[0]()
-        return wait
-
-    def _take_count(self) -> None:
-        if self._count is None:
-            return
-        count, self._count = self._count.wait(), None
-        self._active = int(count[0]) == self.reducer.group.size
-        if not self._active:
-            log.warning("horovod_truncq: a rank has joined (hvd.join); this step's quantized gradients go "
-                        "through an fp32 allreduce")
-        for deferred in self._deferred:
-            deferred[0] = deferred[0]()
-        self._deferred = []
+        """With `joinable`, once per step, before this rank starts any allreduce of the step (the
+        front end calls it first thing in each per-gradient step): count the ranks still training.
+        It waits for the count at once: Horovod corrupted the gradients of allreduces that ran
+        beside it in the same cycle (seen with its MPI controller)."""
+        if self.joinable and self._active is None:
+            count = self.reducer.group.allreduce(torch.ones(1, dtype=torch.int32), "truncq.active").wait()
+            self._active = int(count[0]) == self.reducer.group.size
+            if not self._active:
+                log.warning("horovod_truncq: a rank has joined (hvd.join); this step's quantized gradients go "
+                            "through an fp32 allreduce")
 
     def _everyone_trains(self) -> bool:
-        self._take_count()
         return self._active is None or self._active
 
     def _drain(self) -> None:

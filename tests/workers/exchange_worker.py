@@ -292,7 +292,7 @@ def check_join() -> None:
     """Ranks that run different numbers of steps (hvd.join, Horovod's way to train on uneven data):
     while a rank has joined, the others go on with it counted as zeros, as Horovod's own optimizer
     does: rank 0's last step moves its parameters by exactly its own gradient over the ranks, the
-    quantized weights and the biases that take Horovod's allreduce after the count of ranks alike."""
+    quantized weights and the biases that take Horovod's allreduce alike."""
     net = model()
     opt = optimizer(net)
     for index in range(3 if RANK == 0 else 2):
