@@ -114,7 +114,7 @@ class Kernel:
     `dynamic_args` tensor arguments dynamic. Every index a pass computes is in range by construction
     (codes are masked to their table's size), so inductor's bounds asserts are off."""
 
-    def __init__(self, fn: Callable[..., Optional[torch.Tensor]], fuse_into_reduction: bool = False,
+    def __init__(self, fn: Callable[..., Optional[torch.Tensor]], fuse_reads: bool = False,
                  scalar_when: Callable[[dict], bool] = lambda static: False,
                  min_elements: Optional[int] = None, dynamic_args: int = 1) -> None:
         self.fn = fn
@@ -122,9 +122,10 @@ class Kernel:
         self.dynamic_args = dynamic_args
         self.scalar_when = scalar_when  # static arguments for which inductor's scalar CPU code is faster
         self.options = {"assert_indirect_indexing": False}
-        if fuse_into_reduction:
-            # inductor writes out a pointwise result of many operations before reducing it; a sum over
-            # senders would then write and read 4 bytes per sender and element. Keep it in registers.
+        if fuse_reads:
+            # inductor writes out a pointwise result of many operations or reads (unpacking a code, a
+            # level table) before it reduces or stores it: a sum over senders would write and read
+            # 4 bytes per sender and element, a decode its whole result once more. Keep it in registers.
             self.options.update(realize_opcount_threshold=1000, realize_reads_threshold=64,
                                 realize_acc_reads_threshold=64)
         self._compiled: dict[tuple, Callable[..., Optional[torch.Tensor]]] = {}  # by device type and statics

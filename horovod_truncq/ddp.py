@@ -179,12 +179,14 @@ class State:
         return self.reducer.start(layout, flat, self.reducer.presence(layout, flat))
 
     def _average(self, job: _Job, values: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-        """The bucket's average over ranks from its sum."""
+        """The bucket's average over ranks from its sum, written into DDP's bucket buffer (the sum's
+        memory is the reducer's, reused next step)."""
         layout = self.layouts[job.index]
         divisors = self.group.size / present  # inf where no rank had a gradient: exact zeros there
+        average = job.buffer.view(-1)
         for slot, (offset, size) in enumerate(zip(layout.offsets(), layout.sizes)):
-            values[offset:offset + size].div_(divisors[slot])
-        return values.to(job.buffer.dtype).view_as(job.buffer)
+            torch.div(values[offset:offset + size], divisors[slot], out=average[offset:offset + size])
+        return job.buffer
 
 
 def hook(state: State, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:

@@ -29,7 +29,7 @@ import torch
 from . import levels as lv
 from . import noise
 from .compiling import Kernel
-from .packing import TILE, map_blocks, pack_words
+from .packing import TILE, map_block_parts, map_blocks, pack_words
 from .tails import TAILS
 
 _TINY = torch.finfo(torch.float32).tiny
@@ -252,19 +252,25 @@ def _level_values(codes: torch.Tensor, levels: torch.Tensor, grid: str) -> torch
     return grid_values(codes, levels) if grid == "uniform" else _lookup(codes, levels)
 
 
-def _flat(values: torch.Tensor) -> torch.Tensor:
-    """(rows, n) values as one flat tensor. A compiled pass traces its rows size-obliviously, so it
-    cannot prove that a (rows, n) result's row stride n equals the max(1, n) of contiguous strides,
-    and would copy the whole result once more to return it; a flat result has stride 1 either way."""
-    return values.view(-1)
+def _write_head(head: torch.Tensor, words: torch.Tensor, bits: int, fn) -> torch.Tensor:
+    """map_blocks of fn over words (rows, b m) with its whole blocks stored into `head` and its last
+    block returned (packing.block_part_views names both parts of the caller's buffer). Given the
+    joined result, inductor computed it into two new buffers of its own; given two views of one
+    buffer, it guarded on that buffer's size. Where several rows' heads are not contiguous it still
+    computes into one new buffer and copies (docs/quantizers.md, "Speed")."""
+    values_head, values_tail = map_block_parts(words, bits, fn)
+    head.copy_(values_head)
+    return values_tail
 
 
-def dequantize_levels(words: torch.Tensor, levels: torch.Tensor, bits: int, grid: str = "table") -> torch.Tensor:
+def dequantize_levels(head: torch.Tensor, words: torch.Tensor, levels: torch.Tensor, bits: int,
+                      grid: str = "table") -> torch.Tensor:
     """float32 levels[row][code] for every code of each row of packed words (rows, b m), levels
-    (rows, L): the rows one after another, each in code order, padding codes included, as one flat
-    (rows * 32 m,) tensor (see `_flat`). `grid` "uniform": levels made by levels.uniform_levels,
-    computed by `grid_values` instead of looked up."""
-    return _flat(map_blocks(words, bits, lambda codes, first: _level_values(codes, levels, grid)))
+    (rows, L), each row in code order, padding codes included: the whole blocks written into `head`
+    and the last block returned (`_write_head`) for the caller to copy in. The caller keeps the buffer
+    from step to step (a new large tensor on the CPU costs a page fault per 4 kB page). `grid`
+    "uniform": levels made by levels.uniform_levels, computed by `grid_values` instead of looked up."""
+    return _write_head(head, words, bits, lambda codes, first: _level_values(codes, levels, grid))
 
 
 def sum_levels(words: torch.Tensor, levels: torch.Tensor, bits: int, grid: str = "table") -> torch.Tensor:
@@ -307,12 +313,13 @@ def _scaled(codes: torch.Tensor, first: torch.Tensor, norms: torch.Tensor, magni
     return signed * norms.reshape(-1)[quotient + sender.view(-1, *[1] * quotient.dim())]
 
 
-def dequantize_scaled(words: torch.Tensor, norms: torch.Tensor, magnitudes: torch.Tensor, bucket: int,
-                      bits: int, grid: str = "table") -> torch.Tensor:
+def dequantize_scaled(head: torch.Tensor, words: torch.Tensor, norms: torch.Tensor, magnitudes: torch.Tensor,
+                      bucket: int, bits: int, grid: str = "table") -> torch.Tensor:
     """float32 ±magnitudes[code] * norm of the code's bucket for each row of packed words (rows, b m),
-    norms (rows, buckets): flat (rows * 32 m,), as `dequantize_levels`; padding codes have zero magnitude."""
-    return _flat(map_blocks(words, bits,
-                            lambda codes, first: _scaled(codes, first, norms, magnitudes, bucket, bits, grid)))
+    norms (rows, buckets), written and returned as `dequantize_levels` does; padding codes have zero
+    magnitude."""
+    return _write_head(head, words, bits,
+                       lambda codes, first: _scaled(codes, first, norms, magnitudes, bucket, bits, grid))
 
 
 def sum_scaled(words: torch.Tensor, norms: torch.Tensor, magnitudes: torch.Tensor, bucket: int,
@@ -346,8 +353,8 @@ bucket_norms_kernel = Kernel(bucket_norms)
 round_to_levels_kernel = Kernel(round_to_levels)
 round_scaled_kernel = Kernel(round_scaled)
 pack_kernel = Kernel(pack_into, dynamic_args=2)
-dequantize_levels_kernel = Kernel(dequantize_levels, scalar_when=_gathers_byte_codes)
-sum_levels_kernel = Kernel(sum_levels, fuse_into_reduction=True, scalar_when=_gathers_byte_codes)
-dequantize_scaled_kernel = Kernel(dequantize_scaled)
-sum_scaled_kernel = Kernel(sum_scaled, fuse_into_reduction=True)
+dequantize_levels_kernel = Kernel(dequantize_levels, fuse_reads=True, scalar_when=_gathers_byte_codes, dynamic_args=2)
+sum_levels_kernel = Kernel(sum_levels, fuse_reads=True, scalar_when=_gathers_byte_codes)
+dequantize_scaled_kernel = Kernel(dequantize_scaled, fuse_reads=True, dynamic_args=2)
+sum_scaled_kernel = Kernel(sum_scaled, fuse_reads=True)
 biscaled_search_kernel = Kernel(biscaled_search, min_elements=0)  # cheaper compiled at any tensor size

@@ -98,6 +98,17 @@ def map_blocks(words: torch.Tensor, bits: int, fn: Callable[[torch.Tensor, torch
     (blocks, 32, 1) and (32, 1), and returns values of the codes' shape. The whole blocks are
     flattened before they are summed, so that a compiled pass writes their sum straight into the
     result; the last block is summed as 32 rows, so that its pass stays vectorised over columns."""
+    head, tail = map_block_parts(words, bits, fn)
+    head, tail = head.flatten(-3), tail.flatten(-2)
+    if total:
+        head, tail = head.sum(dim=0), tail.sum(dim=0)
+    return torch.cat([head, tail], dim=-1)
+
+
+def map_block_parts(words: torch.Tensor, bits: int, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`map_blocks` before its parts are joined: fn of the whole blocks (..., blocks, 32, TILE) and
+    of the last block (..., 32, r)."""
     lead, length = words.shape[:-1], words.shape[-1]
     columns = length // bits
     blocks = _whole_blocks(columns)
@@ -105,12 +116,20 @@ def map_blocks(words: torch.Tensor, bits: int, fn: Callable[[torch.Tensor, torch
     row = torch.arange(BLOCK, dtype=torch.int32, device=words.device).view(BLOCK, 1)
     block_start = torch.arange(blocks, dtype=torch.int32, device=words.device).view(-1, 1, 1) * (BLOCK * TILE)
     head = fn(_unpack_block(words[..., :blocks * TILE * bits].view(*lead, blocks, bits, TILE), bits),
-              block_start + row * TILE).flatten(-3)
+              block_start + row * TILE)
     tail = fn(_unpack_block(words[..., blocks * TILE * bits:].view(*lead, bits, rest), bits),
               blocks * (BLOCK * TILE) + row * rest)
-    if total:
-        head, tail = head.sum(dim=0), tail.sum(dim=0)
-    return torch.cat([head, tail.flatten(-2)], dim=-1)
+    return head, tail
+
+
+def block_part_views(values: torch.Tensor, bits: int, words_per_row: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views of `values` (rows, 32 m), the codes of rows of b m packed words, shaped as the two parts
+    of `map_block_parts`, for a pass that writes into the caller's memory."""
+    columns = words_per_row // bits
+    blocks = _whole_blocks(columns)
+    rows, split = values.shape[0], blocks * TILE * BLOCK
+    return (values[:, :split].view(rows, blocks, BLOCK, TILE),
+            values[:, split:].view(rows, BLOCK, columns - blocks * TILE))
 
 
 def unpack_words(words: torch.Tensor, bits: int) -> torch.Tensor:

@@ -118,10 +118,22 @@ class Quantizer:
         """(rows, n) float32 -> side information (rows, k), uint8 codes (rows, n), non-finite flags (rows,)."""
         raise NotImplementedError
 
-    def _dequantize(self, words: torch.Tensor, side: torch.Tensor, numel: int, total: bool) -> torch.Tensor:
-        """Packed words (W, b m) and side information (W, k) -> float32 (32, m) sum over the W rows
-        when `total`, else (W, 32, m)."""
+    def _dequantize(self, words: torch.Tensor, side: torch.Tensor, numel: int, total: bool,
+                    out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Packed words (W, b m) and side information (W, k) -> float32 (32 m,) sum over the W rows
+        when `total`, else the rows one after another (W * 32 m,), written into `out` where given."""
         raise NotImplementedError
+
+    def _write_rows(self, out: Optional[torch.Tensor], words: torch.Tensor,
+                    dequantize: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """The 32 m values of each row of words (W, b m), flat, in `out` or a new tensor: `dequantize`
+        (a kernels.dequantize_* pass) writes the whole blocks into their view and returns the last block's."""
+        rows = words.shape[0]
+        if out is None:
+            out = torch.empty(rows * packing.BLOCK * (words.shape[1] // self.bits), device=words.device)
+        head, tail = packing.block_part_views(out.view(rows, -1), self.bits, words.shape[1])
+        tail.copy_(dequantize(head))
+        return out
 
     # ---------------------------------------------------------------- public API
     def encode(self, tensor: torch.Tensor, key: Optional[Key] = None) -> torch.Tensor:
@@ -177,15 +189,26 @@ class Quantizer:
             return torch.full(shape, float("nan") if flagged else 0.0, dtype=torch.float32, device=payloads.device)
         return self._dequantize(words, side, numel, total=True).view(-1)[:numel].view(shape)
 
-    def decode_rows(self, payloads: torch.Tensor, numel: int) -> torch.Tensor:
+    def decode_rows(self, payloads: torch.Tensor, numel: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The dequantized rows of a (W, payload_size(numel)) uint8 tensor, kept apart: float32 (W, numel).
-        Validation and non-finite senders as in `decode_sum` (all NaN when any row is flagged)."""
+        Validation and non-finite senders as in `decode_sum` (all NaN when any row is flagged).
+
+        `out`: a contiguous float32 tensor of W * numel elements on the payloads' device to write
+        them into (numel a multiple of 32, as the exchange's chunks are), returned viewed as (W, numel)."""
+        rows = payloads.shape[0]
+        if out is not None and (out.dtype != torch.float32 or not out.is_contiguous() or out.numel() != rows * numel
+                                or numel % packing.BLOCK or out.device != payloads.device):
+            raise ValueError(f"out must be a contiguous float32 tensor of {rows} x {numel} elements on "
+                             f"{payloads.device}, and {numel} a multiple of {packing.BLOCK}; got {out.dtype} "
+                             f"{tuple(out.shape)} on {out.device}")
         words, side, flagged = self._validated(payloads, numel)
         if flagged or numel == 0:
-            return torch.full((payloads.shape[0], numel), float("nan") if flagged else 0.0, dtype=torch.float32,
-                              device=payloads.device)
-        values = self._dequantize(words, side, numel, total=False)
-        return values.view(payloads.shape[0], -1)[:, :numel]
+            fill = float("nan") if flagged else 0.0
+            if out is not None:
+                return out.fill_(fill).view(rows, numel)
+            return torch.full((rows, numel), fill, dtype=torch.float32, device=payloads.device)
+        values = self._dequantize(words, side, numel, total=False, out=None if out is None else out.view(-1))
+        return values.view(rows, -1)[:, :numel]
 
     def dequantize_own(self, payloads: torch.Tensor, numel: int) -> torch.Tensor:
         """What the receivers of payloads just made by `encode_rows` will decode, as float32
@@ -327,9 +350,12 @@ class _Truncated(Quantizer):
                                                stochastic=not self.scaled_sign, rule=self.rounding)
         return levels, codes, nonfinite
 
-    def _dequantize(self, words: torch.Tensor, side: torch.Tensor, numel: int, total: bool) -> torch.Tensor:
-        kernel = kernels.sum_levels_kernel if total else kernels.dequantize_levels_kernel
-        return kernel(numel * side.shape[0], words, side, bits=self.bits, grid=self.grid)
+    def _dequantize(self, words: torch.Tensor, side: torch.Tensor, numel: int, total: bool,
+                    out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if total:
+            return kernels.sum_levels_kernel(numel * side.shape[0], words, side, bits=self.bits, grid=self.grid)
+        return self._write_rows(out, words, lambda head: kernels.dequantize_levels_kernel(
+            numel * side.shape[0], head, words, side, bits=self.bits, grid=self.grid))
 
     @staticmethod
     def _clamp_threshold(a: torch.Tensor, amax: torch.Tensor, amin: torch.Tensor) -> torch.Tensor:
@@ -460,11 +486,14 @@ class _NormScaled(Quantizer):
             codes = torch.cat([codes, tail], dim=1)
         return norms, codes, torch.zeros(rows, dtype=torch.bool, device=x.device)
 
-    def _dequantize(self, words: torch.Tensor, side: torch.Tensor, numel: int, total: bool) -> torch.Tensor:
+    def _dequantize(self, words: torch.Tensor, side: torch.Tensor, numel: int, total: bool,
+                    out: Optional[torch.Tensor] = None) -> torch.Tensor:
         magnitudes = _magnitudes(self.scheme, self.magnitude_count, words.device)
-        kernel = kernels.sum_scaled_kernel if total else kernels.dequantize_scaled_kernel
-        return kernel(numel * side.shape[0], words, side, magnitudes, bucket=self.bucket_size or 0, bits=self.bits,
-                      grid=self.grid)
+        static = {"bucket": self.bucket_size or 0, "bits": self.bits, "grid": self.grid}
+        if total:
+            return kernels.sum_scaled_kernel(numel * side.shape[0], words, side, magnitudes, **static)
+        return self._write_rows(out, words, lambda head: kernels.dequantize_scaled_kernel(
+            numel * side.shape[0], head, words, side, magnitudes, **static))
 
 
 class QSGD(_NormScaled):

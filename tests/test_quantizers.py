@@ -546,6 +546,27 @@ def test_rows_are_quantized_independently(cls, kwargs):
 
 
 @pytest.mark.parametrize("name", sorted(htq.SCHEMES))
+def test_decode_rows_writes_into_the_memory_given(name):
+    """decode_rows(out=...) fills the caller's buffer with what decode gives for each row (NaN
+    everywhere for a flagged row), and refuses a buffer it cannot fill exactly."""
+    q = htq.SCHEMES[name](bits=3, seed=0)
+    rows = torch.distributions.Laplace(0.0, 1.0).sample((3, 1024))
+    payloads = q.encode_rows(rows, key=(0, 1))
+    out = torch.full((3 * 1024,), 7.0)
+    decoded = q.decode_rows(payloads, 1024, out=out)
+    assert decoded.shape == (3, 1024) and decoded.data_ptr() == out.data_ptr()
+    for r in range(3):
+        assert torch.equal(out[r * 1024:(r + 1) * 1024], q.decode(payloads[r], (1024,)))
+    rows[1, 5] = float("nan")
+    assert torch.isnan(q.decode_rows(q.encode_rows(rows, key=(0, 1)), 1024, out=out)).all() and torch.isnan(out).all()
+    for bad in (torch.empty(3 * 1024 - 1), torch.empty(3 * 1024, dtype=torch.float64), torch.empty(2 * 3 * 1024)[::2]):
+        with pytest.raises(ValueError, match="out must be"):
+            q.decode_rows(payloads, 1024, out=bad)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        q.decode_rows(q.encode_rows(rows[:, :1000], key=(0, 1)), 1000, out=torch.empty(3000))
+
+
+@pytest.mark.parametrize("name", sorted(htq.SCHEMES))
 def test_no_rows_give_no_payloads(name):
     q = htq.SCHEMES[name](bits=3, seed=0)
     payloads = q.encode_rows(torch.zeros(0, 1000), key=(0, 1))
