@@ -99,7 +99,7 @@ class Reducer:
         self.plan = NodePlan.build(exchange.nodes_of(group), group.rank, group.size)
         self.transfers = Transfers(group, self.plan, state.traffic)
         # by bucket index, the memory its result is decoded into, kept from step to step: on the CPU a
-        # new tensor of a bucket's size costs a page fault per 4 kB page, a third of the decode's time
+        # new tensor of a bucket's size costs a page fault per 4 kB page (docs/quantizers.md, "Speed")
         self._decoded: dict[int, torch.Tensor] = {}
 
     def chunk(self, bucket: Bucket) -> int:
