@@ -348,13 +348,15 @@ def _gathers_byte_codes(static: dict) -> bool:
     return static["bits"] == 8 and static.get("grid", "table") == "table"
 
 
+# dynamic_args: the tensors whose every dimension varies with the tensor size, the norms of the
+# scaled passes (one per bucket) among them
 abs_stats_kernel = Kernel(abs_stats)
 bucket_norms_kernel = Kernel(bucket_norms)
 round_to_levels_kernel = Kernel(round_to_levels)
-round_scaled_kernel = Kernel(round_scaled)
+round_scaled_kernel = Kernel(round_scaled, dynamic_args=2)
 pack_kernel = Kernel(pack_into, dynamic_args=2)
 dequantize_levels_kernel = Kernel(dequantize_levels, fuse_reads=True, scalar_when=_gathers_byte_codes, dynamic_args=2)
 sum_levels_kernel = Kernel(sum_levels, fuse_reads=True, scalar_when=_gathers_byte_codes)
-dequantize_scaled_kernel = Kernel(dequantize_scaled, fuse_reads=True, dynamic_args=2)
-sum_scaled_kernel = Kernel(sum_scaled, fuse_reads=True)
+dequantize_scaled_kernel = Kernel(dequantize_scaled, fuse_reads=True, dynamic_args=3)
+sum_scaled_kernel = Kernel(sum_scaled, fuse_reads=True, dynamic_args=2)
 biscaled_search_kernel = Kernel(biscaled_search, min_elements=0)  # cheaper compiled at any tensor size

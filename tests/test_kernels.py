@@ -199,12 +199,12 @@ def test_an_error_that_is_not_the_compilers_propagates(monkeypatch):
 
 
 def test_tensor_sizes_and_row_counts_do_not_recompile(monkeypatch):
-    """Every scheme's passes compile once per bit width for all tensor sizes (QSGD and NQSGD without
-    buckets too) and all numbers of rows (the exchange encodes 1 row in one call and several in the
-    next), and once more where the last packing block holds one column of 32 codes (dynamo
-    specialises a dimension of size 1): compilations counted by a backend that only counts. TBQSGD's
-    threshold search, a few operations on one small vector per row, compiles once per number of
-    rows; it runs eagerly here."""
+    """Every scheme's passes compile once per bit width for all tensor sizes (QSGD and NQSGD with and
+    without buckets: with them, the number of norms changes with the size) and all numbers of rows
+    (the exchange encodes 1 row in one call and several in the next), and once more where the last
+    packing block holds one column of 32 codes (dynamo specialises a dimension of size 1):
+    compilations counted by a backend that only counts. TBQSGD's threshold search, a few operations
+    on one small vector per row, compiles once per number of rows; it runs eagerly here."""
     compiled = []
     monkeypatch.setattr(kernels.biscaled_search_kernel, "min_elements", 1 << 62)
 
@@ -215,8 +215,9 @@ def test_tensor_sizes_and_row_counts_do_not_recompile(monkeypatch):
     monkeypatch.setenv(compiling.COMPILE_ENV, "1")
     monkeypatch.setattr(compiling, "backend", counting)
     torch._dynamo.reset()
-    for scheme in htq.SCHEMES.values():
-        q = scheme(bits=3, seed=1)
+    quantizers = [scheme(bits=3, seed=1) for scheme in htq.SCHEMES.values()]
+    quantizers += [htq.QSGD(bits=3, bucket_size=512, seed=1), htq.NQSGD(bits=3, bucket_size=512, seed=1)]
+    for q in quantizers:
         for kernel in vars(kernels).values():
             if isinstance(kernel, compiling.Kernel):
                 monkeypatch.setattr(kernel, "_compiled", {})
@@ -227,7 +228,7 @@ def test_tensor_sizes_and_row_counts_do_not_recompile(monkeypatch):
             q.decode_sum(payloads, (numel,))
             q.decode_rows(payloads, numel)
             counts.append(len(compiled))
-        assert 0 < counts[0] <= counts[1] == counts[2] == counts[3], (scheme.__name__, counts)
+        assert 0 < counts[0] <= counts[1] == counts[2] == counts[3], (repr(q), counts)
         compiled.clear()
 
 
