@@ -348,8 +348,8 @@ def _gathers_byte_codes(static: dict) -> bool:
     return static["bits"] == 8 and static.get("grid", "table") == "table"
 
 
-# dynamic_args: the tensors whose every dimension varies with the tensor size, the norms of the
-# scaled passes (one per bucket) among them
+# dynamic_args: how many leading tensor arguments vary in every dimension with the tensor size; in
+# the scaled passes the norms (one per bucket) are among them
 abs_stats_kernel = Kernel(abs_stats)
 bucket_norms_kernel = Kernel(bucket_norms)
 round_to_levels_kernel = Kernel(round_to_levels)
