@@ -48,7 +48,7 @@ def _pack_block(rows: torch.Tensor, bits: int) -> torch.Tensor:
     k = (32 * j) // bits + torch.arange(overlapping, dtype=torch.int32, device=rows.device)
     shift = (bits * k - 32 * j).unsqueeze(-1)
     overlaps = (k < BLOCK).unsqueeze(-1) & (shift < 32)
-    term = rows[..., k.clamp(max=BLOCK - 1), :]
+    term = rows[..., k.clamp(max=BLOCK - 1), :].to(torch.int32)
     shifted = torch.where(shift >= 0, term << shift.clamp(min=0), term >> (-shift).clamp(min=0))
     return torch.where(overlaps, shifted, 0).sum(dim=-2, dtype=torch.int32)
 
@@ -82,7 +82,7 @@ def pack_words(codes: torch.Tensor, bits: int) -> torch.Tensor:
     lead, numel = codes.shape[:-1], codes.shape[-1]
     columns = -(-numel // BLOCK)
     full = _whole_blocks(columns) * TILE * BLOCK
-    head = _pack_block(codes[..., :full].to(torch.int32).view(*lead, -1, BLOCK, TILE), bits)
+    head = _pack_block(codes[..., :full].view(*lead, -1, BLOCK, TILE), bits)
     last = torch.nn.functional.pad(codes[..., full:].to(torch.int32), (0, columns * BLOCK - numel))
     rest = _pack_block(last.view(*lead, BLOCK, -1), bits)
     return torch.cat([head.flatten(-3), rest.flatten(-2)], dim=-1)
