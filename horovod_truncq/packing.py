@@ -37,12 +37,14 @@ def packed_size(numel: int, bits: int) -> int:
 
 
 def _pack_block(rows: torch.Tensor, bits: int) -> torch.Tensor:
-    """int32 codes (..., 32, c) -> their b words per column (..., b, c).
+    """Integer codes (..., 32, c) -> their b int32 words per column (..., b, c).
 
     Word j sums the rows k = 32 j // b, ... whose bits overlap it, each shifted into place: their
     bits never collide, so the int32 sum is their bitwise or and never overflows. The rows and
     shifts are tensors of (j, k), so that a compiled kernel is one short loop over them, not an
-    unrolled body per word (which took half a minute to compile)."""
+    unrolled body per word (which took half a minute to compile). Each code is widened to int32
+    after the rows are picked: widened first, the compiled pass wrote all the codes out as int32
+    before packing them."""
     overlapping = 32 // bits if 32 % bits == 0 else 32 // bits + 2  # most rows that overlap a word
     j = torch.arange(bits, dtype=torch.int32, device=rows.device).view(-1, 1)
     k = (32 * j) // bits + torch.arange(overlapping, dtype=torch.int32, device=rows.device)
