@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The checks that need a CUDA GPU, in one command sized for a short lease of the machine:
 #   1. set-up (launch/setup.sh builds Horovod with NCCL), in the background while
-#   2. the CUDA tests run (pytest -m gpu: compiled equals eager, CPU decodes alike, host waits), on
+#   2. the CUDA tests run (pytest -m gpu: compiled equals eager, CPU decodes alike, host waits, the DDP
+#      hook over NCCL with CUDA's sync debug mode at "error"), on
 #      $PYTHON (default .venv/bin/python where set up, else python3, which must have torch) with this
 #      checkout on PYTHONPATH, which also fills the compile cache for step 4;
 #   3. Horovod with NCCL carries the payloads through the exchanges (tests/test_cuda.py, -np 1);

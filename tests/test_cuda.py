@@ -1,14 +1,16 @@
 """The codec and the exchange on a CUDA device: the compiled passes (Triton) compute what the eager
 ones do, a payload decodes to the same floats on the GPU and the CPU, encode never waits for the
-host and decode_sum waits once, and Horovod with NCCL carries the payloads. Skipped without CUDA."""
+host and decode_sum waits once, Horovod with NCCL carries the payloads, and the DDP hook over NCCL
+never makes the host wait. Skipped without CUDA."""
 import shutil
+import sys
 import warnings
 
 import pytest
 import torch
 
 import horovod_truncq as htq
-from conftest import BIN, assert_ok, run_ranks
+from conftest import BIN, assert_ok, run_command, run_ranks
 from horovod_truncq import compiling, wire
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -45,6 +47,15 @@ def count_syncs(fn) -> tuple[torch.Tensor, int]:
         finally:
             torch.cuda.set_sync_debug_mode(0)
     return result, sum("synchronizing CUDA operation" in str(w.message) for w in caught)
+
+
+def test_the_ddp_hook_never_waits_for_the_host_on_one_gpu():
+    """torchrun, one rank: the hook's backward pass with CUDA's sync debug mode at "error", and 8 bits
+    within 2% of DDP's allreduce (tests/workers/ddp_cuda_worker.py)."""
+    output = run_command([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port",
+                          "29571", "tests/workers/ddp_cuda_worker.py"], timeout=600, HOROVOD_TRUNCQ_COMPILE="1")
+    for check in ("no-host-wait", "close"):
+        assert_ok(output, check, 1)
 
 
 @pytest.mark.parametrize("cls, bits", every_scheme())
@@ -96,3 +107,4 @@ def test_nccl_carries_the_payloads_on_one_rank():
     output = run_ranks(1, ["tests/workers/cuda_worker.py"], timeout=600)
     for check in ("nccl", "two-phase"):
         assert_ok(output, check, 1)
+
