@@ -74,15 +74,17 @@ def _mark_dynamic(args: tuple, dynamic_args: int) -> None:
     """The first dimension of every tensor is its rows, and dynamic: the exchange encodes 1 row in
     one call and several in the next (traced size-obliviously, so 1 is not specialised). The other
     dimensions of the first `dynamic_args` tensors are dynamic; those of the later ones (level
-    tables) stay static, and so does a later 1-D tensor (a table shared by all rows)."""
+    tables) are static, and so is a later 1-D tensor (a table shared by all rows): without the mark,
+    dynamo makes a table's size dynamic once it has seen two, and torch 2.11 then failed to compile
+    the 8-bit search ("KeyError: 'unbacked_bindings'")."""
     for position, tensor in enumerate(args):
         if not isinstance(tensor, torch.Tensor) or tensor.dim() == 0:
             continue
-        if position < dynamic_args or tensor.dim() > 1:
-            torch._dynamo.maybe_mark_dynamic(tensor, 0)
-        if position < dynamic_args:
-            for dim in range(1, tensor.dim()):
+        for dim in range(tensor.dim()):
+            if position < dynamic_args or (dim == 0 and tensor.dim() > 1):
                 torch._dynamo.maybe_mark_dynamic(tensor, dim)
+            else:
+                torch._dynamo.mark_static(tensor, dim)
 
 
 def _size_oblivious() -> contextlib.AbstractContextManager:

@@ -78,14 +78,22 @@ def _whole_blocks(columns: int) -> int:
     return max(columns - 1, 0) // TILE
 
 
+def _split_whole_blocks(tensor: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `length` entries of the last dimension and the rest. A split rather than two
+    slices: torch 2.11 compiles a slice whose end it cannot prove in bounds with an unbacked size,
+    which failed to trace ("PendingUnbackedSymbolNotFound") or ran into a NameError."""
+    return tensor.split([length, tensor.shape[-1] - length], dim=-1)
+
+
 def pack_words(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Codes in [0, 2**bits) (any integer dtype) -> int32 words over the last dimension:
     (..., n) -> (..., b m), on the same device. Only the last block holds padding."""
     lead, numel = codes.shape[:-1], codes.shape[-1]
     columns = -(-numel // BLOCK)
     full = _whole_blocks(columns) * TILE * BLOCK
-    head = _pack_block(codes[..., :full].view(*lead, -1, BLOCK, TILE), bits)
-    last = torch.nn.functional.pad(codes[..., full:].to(torch.int32), (0, columns * BLOCK - numel))
+    whole, last = _split_whole_blocks(codes, full)
+    head = _pack_block(whole.view(*lead, -1, BLOCK, TILE), bits)
+    last = torch.nn.functional.pad(last.to(torch.int32), (0, columns * BLOCK - numel))
     rest = _pack_block(last.view(*lead, BLOCK, -1), bits)
     return torch.cat([head.flatten(-3), rest.flatten(-2)], dim=-1)
 
@@ -117,10 +125,9 @@ def map_block_parts(words: torch.Tensor, bits: int, fn: Callable[[torch.Tensor, 
     rest = columns - blocks * TILE
     row = torch.arange(BLOCK, dtype=torch.int32, device=words.device).view(BLOCK, 1)
     block_start = torch.arange(blocks, dtype=torch.int32, device=words.device).view(-1, 1, 1) * (BLOCK * TILE)
-    head = fn(_unpack_block(words[..., :blocks * TILE * bits].view(*lead, blocks, bits, TILE), bits),
-              block_start + row * TILE)
-    tail = fn(_unpack_block(words[..., blocks * TILE * bits:].view(*lead, bits, rest), bits),
-              blocks * (BLOCK * TILE) + row * rest)
+    whole, last = _split_whole_blocks(words, blocks * TILE * bits)
+    head = fn(_unpack_block(whole.view(*lead, blocks, bits, TILE), bits), block_start + row * TILE)
+    tail = fn(_unpack_block(last.view(*lead, bits, rest), bits), blocks * (BLOCK * TILE) + row * rest)
     return head, tail
 
 
@@ -129,9 +136,9 @@ def block_part_views(values: torch.Tensor, bits: int, words_per_row: int) -> tup
     of `map_block_parts`, for a pass that writes into the caller's memory."""
     columns = words_per_row // bits
     blocks = _whole_blocks(columns)
-    rows, split = values.shape[0], blocks * TILE * BLOCK
-    return (values[:, :split].view(rows, blocks, BLOCK, TILE),
-            values[:, split:].view(rows, BLOCK, columns - blocks * TILE))
+    whole, last = _split_whole_blocks(values, blocks * TILE * BLOCK)
+    rows = values.shape[0]
+    return whole.view(rows, blocks, BLOCK, TILE), last.view(rows, BLOCK, columns - blocks * TILE)
 
 
 def unpack_words(words: torch.Tensor, bits: int) -> torch.Tensor:

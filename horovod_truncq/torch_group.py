@@ -15,12 +15,14 @@ _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather
 
 
 class _Handle:
-    def __init__(self, work: dist.Work, result: torch.Tensor) -> None:
-        self.work, self.result = work, result
+    """A collective under way. `home`: where its result goes back to when it went through the GPU."""
+
+    def __init__(self, work: dist.Work, result: torch.Tensor, home: Optional[torch.Tensor] = None) -> None:
+        self.work, self.result, self.home = work, result, home
 
     def wait(self) -> torch.Tensor:
         self.work.wait()
-        return self.result
+        return self.result if self.home is None else self.home.copy_(self.result)
 
 
 class TorchGroup:
@@ -38,21 +40,35 @@ class TorchGroup:
         if ranks_per_node < 1 or self.size % ranks_per_node:
             raise ValueError(f"ranks_per_node={ranks_per_node} does not divide the {self.size} ranks")
         self.nodes = [rank // ranks_per_node for rank in range(self.size)]
+        self._cuda_only = dist.get_backend(self.process_group) == "nccl"
+
+    def _on_backend(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` where the backend can carry it. NCCL carries CUDA tensors only: a CPU one (the
+        settings' digest, when the State is made) goes through the current GPU, and its result comes
+        back with a host wait."""
+        tensor = tensor.contiguous()
+        return tensor.cuda() if self._cuda_only and not tensor.is_cuda else tensor
+
+    @staticmethod
+    def _home(result: torch.Tensor, given: torch.Tensor) -> Optional[torch.Tensor]:
+        return None if result.device == given.device else torch.empty(result.shape, dtype=result.dtype, device=given.device)
 
     def alltoall(self, rows: torch.Tensor, splits: Sequence[int], name: str) -> _Handle:
-        rows = rows.contiguous()
-        received = rows.new_empty((sum(splits), *rows.shape[1:]))
+        sent = self._on_backend(rows)
+        received = sent.new_empty((sum(splits), *sent.shape[1:]))
         splits = list(splits)
-        work = dist.all_to_all_single(received, rows, output_split_sizes=splits, input_split_sizes=splits,
+        work = dist.all_to_all_single(received, sent, output_split_sizes=splits, input_split_sizes=splits,
                                       group=self.process_group, async_op=True)
-        return _Handle(work, received)
+        return _Handle(work, received, self._home(received, rows))
 
     def allgather(self, tensor: torch.Tensor, name: str) -> _Handle:
-        tensor = tensor.contiguous()
-        gathered = tensor.new_empty((self.size * tensor.shape[0], *tensor.shape[1:]))
-        work = _all_gather_single(gathered, tensor, group=self.process_group, async_op=True)
-        return _Handle(work, gathered)
+        sent = self._on_backend(tensor)
+        gathered = sent.new_empty((self.size * sent.shape[0], *sent.shape[1:]))
+        work = _all_gather_single(gathered, sent, group=self.process_group, async_op=True)
+        return _Handle(work, gathered, self._home(gathered, tensor))
 
     def allreduce(self, tensor: torch.Tensor, name: str) -> _Handle:
-        work = dist.all_reduce(tensor, group=self.process_group, async_op=True)
-        return _Handle(work, tensor)
+        """In place, as Horovod's: `tensor` holds the sum after wait()."""
+        reduced = self._on_backend(tensor)
+        work = dist.all_reduce(reduced, group=self.process_group, async_op=True)
+        return _Handle(work, reduced, None if reduced is tensor else tensor)
