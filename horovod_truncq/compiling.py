@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional, Union
 
 import torch
-import torch.fx.experimental._config as fx_config
 from torch._dynamo.exc import BackendCompilerFailed
 from torch._prims_common import make_contiguous_strides_for
 from torch._inductor.exc import CppCompileError, GPUTooOldForTriton, InvalidCxxCompiler, TritonMissing
@@ -72,7 +71,9 @@ def _own_table(tensor: object) -> object:
 
 def _mark_dynamic(args: tuple, dynamic_args: int) -> None:
     """The first dimension of every tensor is its rows, and dynamic: the exchange encodes 1 row in
-    one call and several in the next (traced size-obliviously, so 1 is not specialised). The other
+    one call and several in the next. Dynamo specialises a size of 1, so one row compiles apart:
+    traced size-obliviously instead, a pack pass first traced for one row ignored the rows' stride
+    and wrote row 0's codes into every row of a later call (torch 2.14). The other
     dimensions of the first `dynamic_args` tensors are dynamic; those of the later ones (level
     tables) are static, and so is a later 1-D tensor (a table shared by all rows): without the mark,
     dynamo makes a table's size dynamic once it has seen two, and torch 2.11 then failed to compile
@@ -85,13 +86,6 @@ def _mark_dynamic(args: tuple, dynamic_args: int) -> None:
                 torch._dynamo.maybe_mark_dynamic(tensor, dim)
             else:
                 torch._dynamo.mark_static(tensor, dim)
-
-
-def _size_oblivious() -> contextlib.AbstractContextManager:
-    """Sizes 0 and 1 traced like any other (dynamo specialises them otherwise, and a pass would compile
-    again for one row): backed sizes keep inductor's vectorised CPU loops, which unbacked ones lose
-    (a 3-bit encode ran 5 times slower)."""
-    return fx_config.patch(backed_size_oblivious=True)
 
 
 @contextlib.contextmanager
@@ -131,7 +125,7 @@ class Kernel:
             self.options.update(realize_opcount_threshold=1000, realize_reads_threshold=64,
                                 realize_acc_reads_threshold=64)
         self._compiled: dict[tuple, Callable[..., Optional[torch.Tensor]]] = {}  # by device type and statics
-        self._called: set[tuple] = set()  # keys whose compiled pass has run in this process
+        self._called: set[tuple] = set()  # (key, one row) whose compiled pass has run in this process
 
     def _compile(self, device_type: str, static: dict) -> Callable[..., Optional[torch.Tensor]]:
         fn = self.fn
@@ -166,14 +160,14 @@ class Kernel:
                 compiled = self._compiled.get(key) or self._compiled.setdefault(key, self._compile(key[0], static))
                 args = (*args[:self.dynamic_args], *map(_own_table, args[self.dynamic_args:]))
                 _mark_dynamic(args, self.dynamic_args)
+                called = (key, args[0].shape[0] == 1)  # one row compiles apart (_mark_dynamic)
                 try:
-                    with _size_oblivious():
-                        if key in self._called:
-                            return compiled(*args)
-                        with _one_compiler_per_machine():
-                            result = compiled(*args)
-                        self._called.add(key)
-                        return result
+                    if called in self._called:
+                        return compiled(*args)
+                    with _one_compiler_per_machine():
+                        result = compiled(*args)
+                    self._called.add(called)
+                    return result
                 except COMPILER_ERRORS as error:
                     _failed.add((self.fn.__name__, key))
                     log.warning("horovod_truncq: torch.compile of %s on %s %s failed (%s: %s); this pass runs eagerly "
