@@ -73,9 +73,11 @@ def _unpack_block(words: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def _whole_blocks(columns: int) -> int:
-    """Blocks of TILE columns before the last block, which keeps 1 to TILE columns: never empty,
-    so a compiled pass sees no size-0 piece (one that would specialise it to such sizes)."""
-    return max(columns - 1, 0) // TILE
+    """Blocks of TILE columns; the last block keeps the 0 to TILE - 1 columns left. Rows of a whole
+    number of blocks are then one run of blocks in memory, which a compiled decode writes in place:
+    with a last block in each row, it wrote every row into a buffer of its own and copied it
+    (docs/quantizers.md, "Speed"). The bytes are the same either way."""
+    return columns // TILE
 
 
 def _split_whole_blocks(tensor: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,7 +92,8 @@ def pack_words(codes: torch.Tensor, bits: int) -> torch.Tensor:
     (..., n) -> (..., b m), on the same device. Only the last block holds padding."""
     lead, numel = codes.shape[:-1], codes.shape[-1]
     columns = -(-numel // BLOCK)
-    full = _whole_blocks(columns) * TILE * BLOCK
+    # blocks free of padding; a last block of TILE columns is laid out as a whole one
+    full = _whole_blocks(numel // BLOCK) * TILE * BLOCK
     whole, last = _split_whole_blocks(codes, full)
     head = _pack_block(whole.view(*lead, -1, BLOCK, TILE), bits)
     last = torch.nn.functional.pad(last.to(torch.int32), (0, columns * BLOCK - numel))

@@ -24,7 +24,8 @@ import torch
 
 from .exchange import NodePlan, Transfers, TwoPhaseExchange
 from .groups import Done, Group, Handle
-from .packing import BLOCK
+from .compiling import COMPILE_MIN_ELEMENTS
+from .packing import BLOCK, TILE
 from .quantizers import Quantizer
 from .state import State
 
@@ -103,8 +104,11 @@ class Reducer:
         self._decoded: dict[int, torch.Tensor] = {}
 
     def chunk(self, bucket: Bucket) -> int:
-        """Elements per owner: the bucket split in W equal chunks of whole 32-code blocks."""
-        return -(-bucket.numel // (self.group.size * BLOCK)) * BLOCK
+        """Elements per owner: the bucket split in W equal chunks of whole 32-code blocks, or, where a
+        chunk has at least COMPILE_MIN_ELEMENTS elements (under 0.8% padding), of whole blocks of
+        packed words (packing.TILE columns), so that the decode of all W chunks writes in place."""
+        block = BLOCK * TILE if bucket.numel >= self.group.size * COMPILE_MIN_ELEMENTS else BLOCK
+        return -(-bucket.numel // (self.group.size * block)) * block
 
     def _encode(self, quantizer: Quantizer, rows: torch.Tensor, stream: str) -> torch.Tensor:
         """Payloads of rows under the noise stream `stream`; with error feedback, of rows plus the

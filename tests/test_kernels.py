@@ -10,7 +10,7 @@ import torch
 
 import horovod_truncq as htq
 from torch._dynamo.exc import BackendCompilerFailed
-from horovod_truncq import compiling, kernels
+from horovod_truncq import compiling, kernels, packing
 
 COMPILED_FROM = 1 << 14  # passes this large compile in these tests
 NUMEL = 3 * COMPILED_FROM + 17  # compiled, and not a whole number of 32-code blocks
@@ -81,6 +81,24 @@ def test_a_pass_compiled_for_one_row_is_not_reused_for_several(monkeypatch):
     assert torch.equal(q.encode_rows(grads, key=(0, 1)), payloads)
     assert torch.equal(q.decode_rows(payloads, numel), decoded)
     assert not compiling.failed_passes()
+
+
+@pytest.mark.parametrize("q", [htq.TNQSGD(bits=3, seed=2), htq.QSGD(bits=4, bucket_size=500, seed=2)], ids=repr)
+def test_rows_of_whole_blocks_compile_to_what_eager_gives(q, monkeypatch):
+    """Rows of a whole number of packing blocks (the reducer's large chunks) have no last block:
+    compiled, encode_rows, decode_sum and decode_rows into the caller's buffer give the eager results."""
+    rows, numel = 4, 8 * packing.BLOCK * packing.TILE
+    grads = heavy_tailed(rows * numel, 0).view(rows, numel)
+    monkeypatch.setenv(compiling.COMPILE_ENV, "0")
+    payloads = q.encode_rows(grads, key=(0, 1))
+    eager_sum, eager_rows = q.decode_sum(payloads, (numel,)), q.decode_rows(payloads, numel)
+    monkeypatch.setenv(compiling.COMPILE_ENV, "1")
+    out = torch.empty(rows * numel)
+    assert torch.equal(q.encode_rows(grads, key=(0, 1)), payloads)
+    assert torch.equal(q.decode_sum(payloads, (numel,)), eager_sum)
+    decoded = q.decode_rows(payloads, numel, out=out)
+    assert not compiling.failed_passes()
+    assert torch.equal(decoded, eager_rows) and decoded.data_ptr() == out.data_ptr()
 
 
 def test_failed_compilation_falls_back_to_eager(tmp_path):
@@ -221,11 +239,11 @@ def test_an_error_that_is_not_the_compilers_propagates(monkeypatch):
 def test_tensor_sizes_and_row_counts_do_not_recompile(monkeypatch):
     """Every scheme's passes compile once per bit width for all tensor sizes (QSGD and NQSGD with and
     without buckets: with them, the number of norms changes with the size) and all numbers of rows,
-    apart from the dimensions of size 1 that dynamo specialises (one row, as the exchange's
-    re-encode; a last packing block of one column of 32 codes): once these have been seen, new sizes
-    and row counts compile nothing. Compilations counted by a backend that only counts. TBQSGD's
-    threshold search, a few operations on one small vector per row, compiles once per number of
-    rows; it runs eagerly here."""
+    apart from the dimensions of size 1 and 0 that dynamo specialises (one row, as the exchange's
+    re-encode; a last packing block of one column of 32 codes, or of none, as in the reducer's large
+    chunks): once these have been seen, new sizes and row counts compile nothing. Compilations
+    counted by a backend that only counts. TBQSGD's threshold search, a few operations on one small
+    vector per row, compiles once per number of rows; it runs eagerly here."""
     compiled = []
     monkeypatch.setattr(kernels.biscaled_search_kernel, "min_elements", 1 << 62)
 
@@ -243,14 +261,15 @@ def test_tensor_sizes_and_row_counts_do_not_recompile(monkeypatch):
             if isinstance(kernel, compiling.Kernel):
                 monkeypatch.setattr(kernel, "_compiled", {})
         counts = []
-        # last block: 1, 2, 5, 18, 9 and 31 columns
+        # last block: 1, 2, 5, 18, 0, 0, 9 and 31 columns
         for rows, numel in ((2, NUMEL), (1, 2 * NUMEL + 1), (8, 3 * NUMEL + 100), (1, NUMEL + 545),
-                            (3, 5 * NUMEL + 200), (1, 4 * NUMEL + 900)):
+                            (4, 4 * NUMEL - 68), (1, 8 * NUMEL - 136), (3, 5 * NUMEL + 200), (1, 4 * NUMEL + 900)):
             payloads = q.encode_rows(heavy_tailed(numel, 0).view(1, -1).expand(rows, -1), key=(0, 1))
             q.decode_sum(payloads, (numel,))
             q.decode_rows(payloads, numel)
             counts.append(len(compiled))
-        assert 0 < counts[0] <= counts[1] <= counts[2] <= counts[3] == counts[4] == counts[5], (repr(q), counts)
+        assert 0 < counts[0] <= counts[1] <= counts[2] <= counts[3] <= counts[4] <= counts[5] == counts[6] == counts[7], \
+            (repr(q), counts)
         compiled.clear()
 
 

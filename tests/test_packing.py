@@ -34,7 +34,7 @@ def test_round_trip(bits, numel):
 
 
 @pytest.mark.parametrize("bits", range(1, 9))
-@pytest.mark.parametrize("numel", [37, 64, 100, 2048, 2049, 2 * 2048 + 100])
+@pytest.mark.parametrize("numel", [37, 64, 100, 2047, 2048, 2049, 2 * 2048 + 100])
 def test_layout_matches_reference(bits, numel):
     codes = torch.randint(0, 2 ** bits, (numel,), generator=torch.Generator().manual_seed(bits))
     assert bytes(pack(codes, bits).tolist()) == reference_pack(codes.tolist(), bits)

@@ -14,14 +14,23 @@ SEED = 11
 SIZES = [("head", 3000), ("bias", 40), ("body", 5000), ("unused", 1500)]
 
 
-def gradients(rank: int, step: int) -> dict[str, torch.Tensor]:
+def gradients(rank: int, step: int, sizes=SIZES) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(100 * step + rank)
-    grads = {name: torch.randn(numel, generator=g) / (1 + torch.rand(numel, generator=g) * 10) for name, numel in SIZES}
-    grads["unused"] = torch.zeros(1500)  # no rank computes it
+    grads = {name: torch.randn(numel, generator=g) / (1 + torch.rand(numel, generator=g) * 10) for name, numel in sizes}
+    if "unused" in grads:
+        grads["unused"] = torch.zeros(grads["unused"].numel())  # no rank computes it
     return grads
 
 
-def run(world: ThreadWorld, exchange, quantizer, steps: int = 2, bucket_bytes: int = 4 * 6000, state_in=None):
+def chunk_of(numel: int, ranks: int) -> int:
+    """Elements per owner: W equal chunks of whole 32-code blocks, or of 2048-code blocks of packed
+    words where a chunk has at least 2^18 elements."""
+    block = 2048 if numel >= ranks * (1 << 18) else 32
+    return -(-numel // (ranks * block)) * block
+
+
+def run(world: ThreadWorld, exchange, quantizer, steps: int = 2, bucket_bytes: int = 4 * 6000, state_in=None,
+        sizes=SIZES):
     """Every rank submits its gradients in its own order for `steps` steps; per rank: the results of
     each step, the bytes counted and the final state."""
     def rank_job(group):
@@ -29,24 +38,25 @@ def run(world: ThreadWorld, exchange, quantizer, steps: int = 2, bucket_bytes: i
         if state_in is not None:
             state.load_state_dict(state_in[group.rank])
         reducer = Reducer(quantizer, exchange, group, state)
-        staging = TensorBuckets(reducer, plan_buckets(SIZES, bucket_bytes), state)
+        staging = TensorBuckets(reducer, plan_buckets(sizes, bucket_bytes), state)
         results, traffic = [], []
         for step in range(state.step, state.step + steps):
-            grads = gradients(group.rank, step)
-            order = SIZES if group.rank % 2 == 0 else SIZES[::-1]
+            grads = gradients(group.rank, step, sizes)
+            order = sizes if group.rank % 2 == 0 else sizes[::-1]
             waiters = {name: staging.submit(name, grads[name], computed=name != "unused") for name, _ in order}
-            results.append({name: waiters[name]() for name, _ in SIZES})
+            results.append({name: waiters[name]() for name, _ in sizes})
             traffic.append(state.traffic.take())
         return results, traffic, state.state_dict()
     return run_ranks(world, rank_job)
 
 
-def predicted(quantizer, second, world_size: int, nodes: list[list[int]], step: int, bucket_bytes: int = 4 * 6000):
+def predicted(quantizer, second, world_size: int, nodes: list[list[int]], step: int, bucket_bytes: int = 4 * 6000,
+              sizes=SIZES):
     """The bucketed exchange written out with encode_rows / decode_sum / decode_rows alone."""
     out = {}
-    for bucket in plan_buckets(SIZES, bucket_bytes):
-        flat = {r: torch.cat([gradients(r, step)[name] for name in bucket.names]) for r in range(world_size)}
-        chunk = -(-bucket.numel // (world_size * 32)) * 32
+    for bucket in plan_buckets(sizes, bucket_bytes):
+        flat = {r: torch.cat([gradients(r, step, sizes)[name] for name in bucket.names]) for r in range(world_size)}
+        chunk = chunk_of(bucket.numel, world_size)
         padded = {r: torch.cat([flat[r], torch.zeros(world_size * chunk - bucket.numel)]) for r in range(world_size)}
         per_node, peers = len(nodes[0]), len(nodes)
         # node sums: rank p of each node holds part p of its node's sum
@@ -90,6 +100,19 @@ def test_results_are_predicted_bit_for_bit(size, per_node, exchange):
     assert outputs[0][2]["step"] == 2
 
 
+def test_large_chunks_are_whole_blocks_of_packed_words():
+    """A bucket whose chunks reach 2^18 elements is padded to chunks of whole 2048-code blocks; the
+    results are still predicted bit for bit, and the bytes follow the padded chunk."""
+    sizes, exchange, quantizer = [("conv", 700_001), ("fc", 300_000)], htq.TwoPhaseExchange(), htq.TNQSGD(bits=3)
+    outputs = run(ThreadWorld(2), exchange, quantizer, steps=1, bucket_bytes=8 << 20, sizes=sizes)
+    expected = predicted(quantizer, quantizer, 2, [[0], [1]], 0, bucket_bytes=8 << 20, sizes=sizes)
+    chunk = 501_760  # 245 blocks of 2048 codes: 1,000,001 elements in 2 chunks of at least 500,000.5
+    row = payload_bytes(chunk, 3) + 4  # trailer: one byte per tensor, in a whole word
+    for results, traffic, _ in outputs:
+        assert all(torch.equal(results[0][name], expected[name]) for name, _ in sizes)
+        assert traffic[0].sent == traffic[0].received == 2 * row
+
+
 def payload_bytes(numel: int, bits: int) -> int:
     """TNQSGD: 16-byte header, 2^b float32 levels, b words per 32 codes."""
     return 16 + 4 * 2 ** bits + 4 * bits * -(-numel // 32)
@@ -102,7 +125,7 @@ def test_bytes_counted_match_the_formula(size, per_node):
     peers = size // per_node
     expected = 0
     for bucket in plan_buckets(SIZES, 4 * 6000):
-        chunk = -(-bucket.numel // (size * 32)) * 32
+        chunk = chunk_of(bucket.numel, size)
         trailer = -(-len(bucket.sizes) // 4) * 4  # one byte per tensor of the bucket, in whole words
         row = payload_bytes(chunk, 3) + trailer
         expected += 2 * (peers - 1) * row  # scatter and gather between nodes
