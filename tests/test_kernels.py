@@ -86,14 +86,18 @@ def test_a_pass_compiled_for_one_row_is_not_reused_for_several(monkeypatch):
 @pytest.mark.parametrize("q", [htq.TNQSGD(bits=3, seed=2), htq.QSGD(bits=4, bucket_size=500, seed=2)], ids=repr)
 def test_rows_of_whole_blocks_compile_to_what_eager_gives(q, monkeypatch):
     """Rows of a whole number of packing blocks (the reducer's large chunks) have no last block:
-    compiled, encode_rows, decode_sum and decode_rows into the caller's buffer give the eager results."""
+    compiled, encode_rows, decode_sum and decode_rows into the caller's buffer give the eager results,
+    for one row (the owner's re-encode) and for several."""
     rows, numel = 4, 8 * packing.BLOCK * packing.TILE
     grads = heavy_tailed(rows * numel, 0).view(rows, numel)
     monkeypatch.setenv(compiling.COMPILE_ENV, "0")
-    payloads = q.encode_rows(grads, key=(0, 1))
+    payloads, one = q.encode_rows(grads, key=(0, 1)), q.encode_rows(grads[:1], key=(0, 1))
     eager_sum, eager_rows = q.decode_sum(payloads, (numel,)), q.decode_rows(payloads, numel)
+    eager_one = q.decode_rows(one, numel)
     monkeypatch.setenv(compiling.COMPILE_ENV, "1")
     out = torch.empty(rows * numel)
+    assert torch.equal(q.encode_rows(grads[:1], key=(0, 1)), one)
+    assert torch.equal(q.decode_rows(one, numel), eager_one)
     assert torch.equal(q.encode_rows(grads, key=(0, 1)), payloads)
     assert torch.equal(q.decode_sum(payloads, (numel,)), eager_sum)
     decoded = q.decode_rows(payloads, numel, out=out)
