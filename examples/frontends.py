@@ -64,7 +64,8 @@ def add_method_arguments(p: argparse.ArgumentParser, exchange: str = "node-aware
     p.add_argument("--rank", type=int, default=4, help="PowerSGD's matrix approximation rank")
     p.add_argument("--exchange", default=exchange, choices=["two-phase", "node-aware"])
     p.add_argument("--bucket-bytes", type=int, default=None,
-                   help="Horovod front end: two-phase and node-aware bucket size (default: the library's)")
+                   help="Horovod front end: two-phase and node-aware bucket size (default: the library's); "
+                        "DDP: its bucket_cap_mb, in bytes (default: DDP's; PowerSGD always has one bucket)")
     p.add_argument("--bucket-size", type=int, default=None, help="QSGD/NQSGD: elements per scale")
 
 
@@ -139,8 +140,10 @@ class TorchRun:
         """(DDP model, optimizer, byte counter or None). DDP broadcasts rank 0's parameters."""
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
         from torch.nn.parallel import DistributedDataParallel
-        one_bucket = {"bucket_cap_mb": ONE_BUCKET_MB} if method.compressor == "powersgd" else {}
-        model = DistributedDataParallel(model, **one_bucket)
+        buckets = {"bucket_cap_mb": method.bucket_bytes / 2 ** 20} if method.bucket_bytes else {}
+        if method.compressor == "powersgd":
+            buckets = {"bucket_cap_mb": ONE_BUCKET_MB}
+        model = DistributedDataParallel(model, **buckets)
         traffic = None
         if method.compressor in ("fp16", "bf16"):
             model.register_comm_hook(None, getattr(default_hooks, f"{method.compressor}_compress_hook"))
