@@ -65,7 +65,7 @@ def add_method_arguments(p: argparse.ArgumentParser, exchange: str = "node-aware
     p.add_argument("--exchange", default=exchange, choices=["two-phase", "node-aware"])
     p.add_argument("--bucket-bytes", type=int, default=None,
                    help="Horovod front end: two-phase and node-aware bucket size (default: the library's); "
-                        "DDP: its bucket_cap_mb, in bytes (default: DDP's; PowerSGD always has one bucket)")
+                        "DDP: its bucket_cap_mb, in bytes (default: DDP's; refused for PowerSGD, which has one bucket)")
     p.add_argument("--bucket-size", type=int, default=None, help="QSGD/NQSGD: elements per scale")
 
 
@@ -140,6 +140,9 @@ class TorchRun:
         """(DDP model, optimizer, byte counter or None). DDP broadcasts rank 0's parameters."""
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
         from torch.nn.parallel import DistributedDataParallel
+        if method.compressor == "powersgd" and method.bucket_bytes:
+            raise ValueError("PowerSGD runs with one DDP bucket here (see this module's docstring): "
+                             "drop --bucket-bytes")
         buckets = {"bucket_cap_mb": method.bucket_bytes / 2 ** 20} if method.bucket_bytes else {}
         if method.compressor == "powersgd":
             buckets = {"bucket_cap_mb": ONE_BUCKET_MB}

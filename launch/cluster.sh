@@ -20,7 +20,7 @@
 # (MALLOC_MMAP_MAX_=0 keeps freed memory for reuse: docs/quantizers.md, "Speed").
 # A configuration is [ddp/]compressor:bits:exchange[:bucket_bytes], e.g. "none:0:- fp16:0:- tnqsgd:3:two-phase"
 # or "tnqsgd:3:two-phase:4194304" (two-phase buckets of 4 MiB instead of the default; with "ddp/", DDP's
-# bucket_cap_mb in bytes, but PowerSGD always has one bucket). With "ddp/" the
+# bucket_cap_mb in bytes, refused for PowerSGD, which has one bucket). With "ddp/" the
 # run uses torch DDP over Gloo instead of Horovod: "ddp/none:0:-" (DDP's allreduce), "ddp/fp16:0:-",
 # "ddp/bf16:0:-", "ddp/powersgd:4:-" (PowerSGD of rank 4), "ddp/tnqsgd:3:node-aware" (this library's hook).
 set -euo pipefail
