@@ -140,12 +140,13 @@ class TorchRun:
         """(DDP model, optimizer, byte counter or None). DDP broadcasts rank 0's parameters."""
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
         from torch.nn.parallel import DistributedDataParallel
-        if method.compressor == "powersgd" and method.bucket_bytes:
-            raise ValueError("PowerSGD runs with one DDP bucket here (see this module's docstring): "
-                             "drop --bucket-bytes")
-        buckets = {"bucket_cap_mb": method.bucket_bytes / 2 ** 20} if method.bucket_bytes else {}
         if method.compressor == "powersgd":
+            if method.bucket_bytes:
+                raise ValueError("PowerSGD runs with one DDP bucket here (see this module's docstring): "
+                                 "drop --bucket-bytes")
             buckets = {"bucket_cap_mb": ONE_BUCKET_MB}
+        else:
+            buckets = {"bucket_cap_mb": method.bucket_bytes / 2 ** 20} if method.bucket_bytes else {}
         model = DistributedDataParallel(model, **buckets)
         traffic = None
         if method.compressor in ("fp16", "bf16"):
