@@ -6,7 +6,9 @@ asynchronous collectives that return a Handle. Horovod (horovod_group.py) and to
 process, so that everything above the transport is tested without launching processes.
 
 Every collective is named; each rank issues the same collectives in the same order. `alltoall` is
-symmetric: rank r sends splits[r] rows to each rank r and receives as many from it.
+symmetric: rank r sends splits[r] rows to each rank r and receives as many from it. A result may lie
+in memory that the next collective of the same name overwrites (torch_group.py keeps it from step
+to step): its reader is done with it before issuing that name again.
 """
 from __future__ import annotations
 

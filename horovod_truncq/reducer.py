@@ -99,9 +99,10 @@ class Reducer:
         self.group, self.state = group, state
         self.plan = NodePlan.build(exchange.nodes_of(group), group.rank, group.size)
         self.transfers = Transfers(group, self.plan, state.traffic)
-        # by bucket index, the memory its result is decoded into, kept from step to step: on the CPU a
-        # new tensor of a bucket's size costs a page fault per 4 kB page (docs/quantizers.md, "Speed")
-        self._decoded: dict[int, torch.Tensor] = {}
+        # by (use, bucket index), memory kept from step to step: the padded input, the node's sum and
+        # the decoded result. On the CPU a new tensor of a bucket's size costs a page fault per 4 kB
+        # page (docs/quantizers.md, "Speed")
+        self._kept: dict[tuple[str, int], torch.Tensor] = {}
 
     def chunk(self, bucket: Bucket) -> int:
         """Elements per owner: the bucket split in W equal chunks of whole 32-code blocks, or, where a
@@ -134,14 +135,33 @@ class Reducer:
     def padded_numel(self, bucket: Bucket) -> int:
         return self.group.size * self.chunk(bucket)
 
+    def _kept_buffer(self, use: str, bucket: Bucket, numel: int, device: torch.device,
+                     zeroed: bool = False) -> torch.Tensor:
+        """float32 memory of `numel` elements for `use` in `bucket`, the same from step to step (made
+        anew where the size or device changed); `zeroed`: made with zeros, for padding that nothing
+        writes later."""
+        kept = self._kept.get((use, bucket.index))
+        if kept is None or kept.numel() != numel or kept.device != device:
+            make = torch.zeros if zeroed else torch.empty
+            kept = self._kept[(use, bucket.index)] = make(numel, device=device)
+        return kept
+
+    def padded_input(self, bucket: Bucket, device: torch.device) -> torch.Tensor:
+        """The bucket's input memory, kept from step to step: padded_numel(bucket) float32 elements
+        whose padding after the first bucket.numel stays zero. A front end may write its gradients
+        into the first bucket.numel and pass it to `start`, which then copies nothing."""
+        return self._kept_buffer("input", bucket, self.padded_numel(bucket), device, zeroed=True)
+
     def start(self, bucket: Bucket, flat: torch.Tensor, present: torch.Tensor) -> Flight:
         """Stage 0 for this rank's bucket: `flat`, float32, holds its bucket.numel elements, followed
-        by padding up to padded_numel(bucket) (zeros) or not (padded here, a copy). `present`: uint8,
-        1 for each tensor this rank computed (a tensor no rank computed comes back exactly zero)."""
+        by padding up to padded_numel(bucket) (zeros), or not (then copied into padded_input).
+        `present`: uint8, 1 for each tensor this rank computed (a tensor no rank computed comes back
+        exactly zero)."""
         flight = Flight(bucket)
         if flat.numel() != self.padded_numel(bucket):
-            # not zeros-then-copy: a fresh zeroed tensor is touched twice, page faults included
-            flat = torch.cat([flat[:bucket.numel], flat.new_zeros(self.padded_numel(bucket) - bucket.numel)])
+            padded = self.padded_input(bucket, flat.device)
+            padded[:bucket.numel].copy_(flat[:bucket.numel])
+            flat = padded
         flight.carried["present"] = present
         flight.handle = self.transfers.node_sum(flat.view(self.plan.node, -1), bucket.name)
         flight.stage = 1
@@ -157,7 +177,11 @@ class Reducer:
         flight.stage += 1
 
     def _scatter(self, flight: Flight, received: torch.Tensor) -> Handle:
-        node_sum = received[0] if self.plan.node == 1 else received.sum(dim=0)
+        if self.plan.node == 1:
+            node_sum = received[0]
+        else:
+            node_sum = torch.sum(received, dim=0, out=self._kept_buffer("node-sum", flight.bucket, received.shape[1],
+                                                                         received.device))
         present = flight.carried.pop("present")
         payloads = self._encode(self.first, node_sum.view(self.plan.peers, -1), f"{flight.bucket.name}.scatter")
         rows = torch.cat([payloads, _trailer(present, payloads.shape[0])], dim=1)
@@ -181,11 +205,10 @@ class Reducer:
 
     def _finish(self, flight: Flight, received: torch.Tensor) -> Handle:
         size, bucket = flight.carried.pop("size"), flight.bucket
-        out = self._decoded.get(bucket.index)
-        if out is None or out.numel() != self.padded_numel(bucket) or out.device != received.device:
-            out = self._decoded[bucket.index] = torch.empty(self.padded_numel(bucket), device=received.device)
         try:
-            values = self.second.decode_rows(received[:, :size], self.chunk(bucket), out=out)
+            values = self.second.decode_rows(received[:, :size], self.chunk(bucket),
+                                             out=self._kept_buffer("decoded", bucket, self.padded_numel(bucket),
+                                                                   received.device))
         except ValueError as error:
             raise ValueError(f"bucket {bucket.name!r}: a reduced chunk does not match {self.second!r}: "
                              f"{error}") from error

@@ -79,12 +79,13 @@ class TensorBuckets:
         staged = self._staged[bucket.index]
         parts = [staged[name].reshape(-1).float() if name in staged else torch.zeros(size, device=self._device)
                  for name, size in zip(bucket.names, bucket.sizes)]
-        parts.append(torch.zeros(self.reducer.padded_numel(bucket) - bucket.numel, device=self._device))
         self._staged[bucket.index] = {}  # the gradients need not outlive the backward pass
         if self._everyone_trains():
-            self._flights[bucket.index] = self.reducer.start(bucket, torch.cat(parts), self._presence(bucket, staged))
+            flat = self.reducer.padded_input(bucket, self._device)
+            torch.cat(parts, out=flat[:bucket.numel])
+            self._flights[bucket.index] = self.reducer.start(bucket, flat, self._presence(bucket, staged))
         else:
-            flat = torch.cat(parts[:-1])
+            flat = torch.cat(parts)
             self.state.traffic.add_transfer(ring_allreduce_bytes(4 * flat.numel(), self.reducer.group.size))
             self._fallbacks[bucket.index] = self.reducer.group.allreduce(flat, f"truncq.joined.{bucket.name}")
 

@@ -41,6 +41,16 @@ class TorchGroup:
             raise ValueError(f"ranks_per_node={ranks_per_node} does not divide the {self.size} ranks")
         self.nodes = [rank // ranks_per_node for rank in range(self.size)]
         self._cuda_only = dist.get_backend(self.process_group) == "nccl"
+        self._received: dict[str, torch.Tensor] = {}
+
+    def _receiver(self, name: str, like: torch.Tensor, rows: int) -> torch.Tensor:
+        """Memory for the result of collective `name`, kept for its next use (a bucket's collectives
+        recur every step: on the CPU a new tensor costs a page fault per 4 kB page)."""
+        shape = (rows, *like.shape[1:])
+        kept = self._received.get(name)
+        if kept is None or kept.shape != shape or kept.dtype != like.dtype or kept.device != like.device:
+            kept = self._received[name] = like.new_empty(shape)
+        return kept
 
     def _on_backend(self, tensor: torch.Tensor) -> torch.Tensor:
         """`tensor` where the backend can carry it. NCCL carries CUDA tensors only: a CPU one (the
@@ -55,7 +65,7 @@ class TorchGroup:
 
     def alltoall(self, rows: torch.Tensor, splits: Sequence[int], name: str) -> _Handle:
         sent = self._on_backend(rows)
-        received = sent.new_empty((sum(splits), *sent.shape[1:]))
+        received = self._receiver(name, sent, sum(splits))
         splits = list(splits)
         work = dist.all_to_all_single(received, sent, output_split_sizes=splits, input_split_sizes=splits,
                                       group=self.process_group, async_op=True)
@@ -63,7 +73,7 @@ class TorchGroup:
 
     def allgather(self, tensor: torch.Tensor, name: str) -> _Handle:
         sent = self._on_backend(tensor)
-        gathered = sent.new_empty((self.size * sent.shape[0], *sent.shape[1:]))
+        gathered = self._receiver(name, sent, self.size * sent.shape[0])
         work = _all_gather_single(gathered, sent, group=self.process_group, async_op=True)
         return _Handle(work, gathered, self._home(gathered, tensor))
 
