@@ -11,7 +11,7 @@
 #   bash launch/cluster.sh --smoke             # 4 ranks at 100 Mbit/s, fp32 and TNQSGD 3 bits
 #
 # Environment overrides: RATES (e.g. "100mbit 1gbit none"), RANKS ("4 8"), CONFIGS (see below),
-# STEPS, WARMUP, REPEAT (runs of each configuration), OUT (default runs/cluster), REPORT (a folder
+# STEPS, WARMUP, REPEAT (runs of each configuration, taking turns), OUT (default runs/cluster), REPORT (a folder
 # for the report, default none), RESUME=1 (skip runs whose record is already in OUT),
 # THP_MEM_ALLOC_ENABLE=1 (PyTorch's large tensors on huge pages in every rank; default 0),
 # COMPARE=DIR (also run every configuration with the code of another checkout DIR, right after this
@@ -55,33 +55,33 @@ for rate in $RATES; do
   netns_shape "$rate"
   for ranks in $RANKS; do
     per_node=$((ranks / 2))
-    for config in $CONFIGS; do
-      frontend=horovod
-      case "$config" in ddp/*) frontend=ddp; config=${config#ddp/} ;; esac
-      IFS=: read -r compressor bits exchange bucket <<< "$config"
-      [ "$exchange" = - ] && exchange=two-phase  # ignored by the baselines
-      bucket_args=(); [ -n "$bucket" ] && bucket_args=(--bucket-bytes "$bucket")
-      [ "$compressor" = powersgd ] && bucket_args+=(--rank "$bits")
-      [ "$frontend" = ddp ] && bucket_args+=(--frontend ddp)
-      for repeat in $(seq 1 "$REPEAT"); do
-       for tree in "$ROOT" ${COMPARE:-}; do
-        name="$rate-w$ranks-${frontend/horovod/hvd}-$compressor-b$bits-$exchange${bucket:+-$bucket}-r$repeat"
-        [ "$tree" = "$ROOT" ] || name="$name-base"
-        if [ "${RESUME:-0}" = 1 ] && [ -s "$OUT/$name.json" ]; then echo "==> [cluster] $name: kept"; continue; fi
-        echo "==> [cluster] $name"
-        export PYTHONPATH=$tree
-        netns_mpirun "$per_node" "$ranks" -x PYTHONPATH -x HOROVOD_TRUNCQ_COMPILE -x THP_MEM_ALLOC_ENABLE "${allocator_env[@]}" -- \
-          "$PY" "$tree/examples/bench_cluster.py" --compressor "$compressor" --bits "$bits" \
-          --exchange "$exchange" "${bucket_args[@]}" --steps "$STEPS" --warmup "$WARMUP" --label "$rate" \
-          --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1 || true
-        grep -E "^\[bench\]|rror|Traceback|signal" "$OUT/$name.log" || true
-        if [ ! -s "$OUT/$name.json" ]; then
-          echo "!! [cluster] $name wrote no record; its output is $OUT/$name.log:" >&2
-          tail -n 40 "$OUT/$name.log" >&2
-          exit 1
-        fi
-        runs=$((runs + 1))
-       done
+    for repeat in $(seq 1 "$REPEAT"); do  # the configurations take turns: the machine's drift hits them alike
+      for config in $CONFIGS; do
+        frontend=horovod
+        case "$config" in ddp/*) frontend=ddp; config=${config#ddp/} ;; esac
+        IFS=: read -r compressor bits exchange bucket <<< "$config"
+        [ "$exchange" = - ] && exchange=two-phase  # ignored by the baselines
+        bucket_args=(); [ -n "$bucket" ] && bucket_args=(--bucket-bytes "$bucket")
+        [ "$compressor" = powersgd ] && bucket_args+=(--rank "$bits")
+        [ "$frontend" = ddp ] && bucket_args+=(--frontend ddp)
+        for tree in "$ROOT" ${COMPARE:-}; do
+          name="$rate-w$ranks-${frontend/horovod/hvd}-$compressor-b$bits-$exchange${bucket:+-$bucket}-r$repeat"
+          [ "$tree" = "$ROOT" ] || name="$name-base"
+          if [ "${RESUME:-0}" = 1 ] && [ -s "$OUT/$name.json" ]; then echo "==> [cluster] $name: kept"; continue; fi
+          echo "==> [cluster] $name"
+          export PYTHONPATH=$tree
+          netns_mpirun "$per_node" "$ranks" -x PYTHONPATH -x HOROVOD_TRUNCQ_COMPILE -x THP_MEM_ALLOC_ENABLE "${allocator_env[@]}" -- \
+            "$PY" "$tree/examples/bench_cluster.py" --compressor "$compressor" --bits "$bits" \
+            --exchange "$exchange" "${bucket_args[@]}" --steps "$STEPS" --warmup "$WARMUP" --label "$rate" \
+            --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1 || true
+          grep -E "^\[bench\]|rror|Traceback|signal" "$OUT/$name.log" || true
+          if [ ! -s "$OUT/$name.json" ]; then
+            echo "!! [cluster] $name wrote no record; its output is $OUT/$name.log:" >&2
+            tail -n 40 "$OUT/$name.log" >&2
+            exit 1
+          fi
+          runs=$((runs + 1))
+        done
       done
     done
   done
